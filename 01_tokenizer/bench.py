@@ -1,0 +1,124 @@
+"""Benchmarks for notes.md: BPE from scratch against the library, and the token-file preparation.
+
+  bpe      train bpe.py and `tokenizers` on the default corpus at vocab 8192, in one run; check that
+           the merges are equal, print both times.
+  prepare  throughput of prepare.py (read, split, encode, write) in MB/s and tokens/s against a bare
+           Tokenizer.encode_batch over the same text held in memory; then the peak RSS of the
+           prepare command on the default corpus and on one 4x larger (a JSONL file holding it four
+           times). Bounded memory means the two peaks are about equal.
+
+Timings are wall-clock on whatever else the machine is doing: run it on a quiet machine.
+Left out on purpose: repeated runs and error bars; the figures are for orders of magnitude.
+
+Demo: python 01_tokenizer/bench.py            (both, ~2 minutes on 2 cores)
+      python 01_tokenizer/bench.py --only bpe
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import import_module
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+bpe = import_module("01_tokenizer.bpe")
+corpus = import_module("01_tokenizer.corpus")
+tokenizer = import_module("01_tokenizer.tokenizer")
+prepare = import_module("01_tokenizer.prepare")
+
+
+def timed(fn):
+    """(result, wall seconds, CPU seconds of this process, all threads) of fn().
+
+    CPU time is the fairer figure on a shared machine: other processes stretch the wall clock.
+    """
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def bench_bpe(docs: list[str], vocab_size: int):
+    lib, t_lib, cpu_lib = timed(lambda: tokenizer.train_tokenizer(docs, vocab_size))
+    mine, t_mine, cpu_mine = timed(lambda: bpe.ByteLevelBPE.train(docs, vocab_size, tokenizer.SPECIAL_TOKENS))
+    lib_merges = [tuple(m) for m in json.loads(lib.to_str())["model"]["merges"]]
+    same = mine.merges == lib_merges and mine.vocab == lib.get_vocab()
+    chars = sum(map(len, docs))
+    print(f"BPE training on {chars / 1e6:.2f} M characters, vocab {vocab_size} ({len(lib_merges)} merges)")
+    print(f"  tokenizers (Rust)   {t_lib:5.1f} s wall  {cpu_lib:5.1f} s CPU (all threads)")
+    print(f"  bpe.py (Python)     {t_mine:5.1f} s wall  {cpu_mine:5.1f} s CPU   "
+          f"({t_mine / t_lib:.1f}x the library's wall time)")
+    print(f"  merges and vocab identical: {same}")
+    assert same, "bpe.py must learn exactly the library's merges"
+
+
+# Runs a script and prints its peak RSS (VmHWM) at exit. Not getrusage: Linux keeps ru_maxrss across
+# fork and exec, so a child would report this (large) benchmark process' memory as its own.
+PEAK_RSS_WRAPPER = """import atexit, runpy, sys
+atexit.register(lambda: print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')), file=sys.stderr))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')"""
+
+
+def peak_rss_mb(script: str, *args: str) -> float:
+    """Peak resident memory, in MB, of `python script args...` (Linux: read from /proc/self/status)."""
+    cmd = [sys.executable, "-c", PEAK_RSS_WRAPPER, script, *args]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, f"{script} {' '.join(args)} failed: {result.stderr}"
+    return int(result.stderr.strip().splitlines()[-1].split()[1]) / 1024  # "VmHWM:  123456 kB"
+
+
+def bench_prepare(docs: list[str], tok_path: Path, work: Path, scale: int):
+    tok = tokenizer.load_tokenizer(tok_path)
+    mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
+    encodings, t_bare, cpu_bare = timed(lambda: tok.encode_batch(docs, add_special_tokens=False))
+    n_tokens = sum(len(e.ids) for e in encodings) + len(docs)  # + one </s> per document, as in the files
+    _, t_fast, cpu_fast = timed(lambda: tok.encode_batch_fast(docs, add_special_tokens=False))
+    meta, t_prep, cpu_prep = timed(lambda: prepare.prepare("shakespeare", tok_path, work / "x0", progress=False))
+    assert meta["train_tokens"] + meta["val_tokens"] == n_tokens, "prepare must write exactly the encoded tokens"
+    print(f"Token files for {mb:.2f} MB, {n_tokens:,} tokens ({os.cpu_count()} cores)")
+    rows = (("encode_batch (bare, text in RAM)", t_bare, cpu_bare), ("encode_batch_fast (bare)", t_fast, cpu_fast),
+            ("prepare.prepare (read+encode+write)", t_prep, cpu_prep))
+    for name, seconds, cpu in rows:
+        print(f"  {name:37s} {seconds:5.1f} s wall ({cpu:5.1f} s CPU)  {mb / seconds:5.2f} MB/s  "
+              f"{n_tokens / seconds / 1e3:5.0f} k tokens/s")
+
+    big = work / f"shakespeare_x{scale}.jsonl"
+    with open(big, "w", encoding="utf-8") as f:
+        for _ in range(scale):
+            f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    command = ["01_tokenizer/prepare.py", "--tokenizer", str(tok_path)]
+    rss_imports = peak_rss_mb(*command, "--help")  # imports and argument parsing only
+    rss_1 = peak_rss_mb(*command, "--out-dir", str(work / "x1"))
+    rss_n, t_n, _ = timed(lambda: peak_rss_mb(*command, "--corpus", str(big), "--out-dir", str(work / f"x{scale}")))
+    print(f"Peak RSS of python 01_tokenizer/prepare.py (imports alone: {rss_imports:.0f} MB)")
+    print(f"  default corpus  ({mb:5.1f} MB)  {rss_1:5.0f} MB")
+    print(f"  {scale}x the corpus   ({mb * scale:5.1f} MB)  {rss_n:5.0f} MB   "
+          f"({mb * scale / t_n:.2f} MB/s end to end, process start included)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Benchmarks of lesson 01: BPE training and token-file preparation.")
+    parser.add_argument("--only", choices=["bpe", "prepare"], help="run one benchmark (default: both)")
+    parser.add_argument("--vocab-size", type=int, default=tokenizer.DEFAULT_VOCAB_SIZE,
+                        help="vocab size for both (default 8192)")
+    parser.add_argument("--scale", type=int, default=4, help="the larger corpus is this many copies of the default one")
+    args = parser.parse_args()
+
+    docs = list(corpus.documents("shakespeare"))
+    if args.only in (None, "bpe"):
+        bench_bpe(docs, args.vocab_size)
+    if args.only in (None, "prepare"):
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            tokenizer.save_tokenizer(tokenizer.train_tokenizer(docs, args.vocab_size), work / "tokenizer.json")
+            bench_prepare(docs, work / "tokenizer.json", work, args.scale)
+
+
+if __name__ == "__main__":
+    corpus.exit_on_data_error(main)

