@@ -112,9 +112,11 @@ class GroupedQueryAttention(nn.Module):
         else:
             # is_causal only when queries and keys are the same positions (top-left == bottom-right);
             # one new token sees every key, so it needs no mask; a chunk after a cache needs the real one.
+            # `T > 1` first: under torch.compile(dynamic=True) `T == t_k` is a symbolic bool that SDPA
+            # rejects (a graph break per layer); a one-token step must short-circuit to a plain False.
             mask = None if T == t_k or T == 1 else causal_mask(T, t_k, x.device)
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=(T == t_k and T > 1),
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=(T > 1 and T == t_k),
                 enable_gqa=self.n_rep > 1,  # SDPA shares K/V across groups without copying them
             )  # (B, H, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*hd) -> (B, T, dim)

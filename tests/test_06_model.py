@@ -1,0 +1,389 @@
+"""Lesson 06: the assembled model, generation with a KV cache, checkpoints, and the Hugging Face export.
+
+References: transformers' LlamaForCausalLM and AutoTokenizer (the export must load in them and agree),
+recomputing the whole sequence at every step (for the KV cache), and closed-form parameter counts.
+
+Run: python -m pytest tests/test_06_model.py -x -q
+"""
+
+import functools
+import json
+import math
+from importlib import import_module
+
+import pytest
+import torch
+from conftest import assert_close
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+lillm = import_module("06_model.model")
+hf = import_module("06_model.hf")
+gen = import_module("06_model.generate")
+
+SPECIALS = ["<unk>", "<s>", "</s>"] + [f"<r{i}>" for i in range(13)]  # lesson 01's ids 0, 1, 2, 3..15
+TEXT = "Once upon a time, a small model learned to count: un, deux, trois. Héllo wörld, 日本語のテキスト, naïve café. "
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from a second thread, and on a shared 2-core machine every parallel region
+    waits for a core another process holds: one thread runs this file about 10x faster there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(**overrides):
+    return lillm.ModelConfig(**{**dict(vocab_size=96, d_model=32, n_layers=2, max_seq_len=48, q_heads=4,
+                                         kv_heads=2, multiple_of=16, rope_theta=500.0), **overrides})
+
+
+def tiny_model(**overrides):
+    """A tiny model with N(0, 0.3) matrices: its greedy continuations are varied, like a trained model's,
+    where the N(0, 0.02) initialization repeats one token and would let a wrong cache pass unnoticed."""
+    model = lillm.LilLM(tiny_config(**overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+def naive_greedy(model, prompt, max_new_tokens):
+    """Recompute the whole sequence for every new token: no cache."""
+    seq = list(prompt)
+    with torch.no_grad():
+        while len(seq) < min(len(prompt) + max_new_tokens, model.config.max_seq_len):
+            logits, _ = model(torch.tensor([seq]))
+            seq.append(int(logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    """A byte-level BPE trained in-process with lesson 01's special tokens (ids 0..15)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT] * 20, trainer)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+# ---- the model ----
+
+def test_default_config_has_the_seeds_parameter_count():
+    model = lillm.LilLM(lillm.ModelConfig())
+    assert model.num_params() == 39_596_544
+    assert model.output.weight is model.tok_embeddings.weight  # tied: counted once
+    # notes.md's arithmetic: embedding + 12 x (attention + FFN + 2 norms) + final norm
+    assert 8192 * 512 + 12 * (786_432 + 2_162_688 + 1_024) + 512 == 39_596_544
+
+
+@given(d_heads=st.sampled_from([(16, 2), (32, 4), (48, 6), (64, 4)]), kv_div=st.sampled_from([1, 2]),
+       n_layers=st.integers(1, 3), vocab=st.integers(16, 200), multiple_of=st.sampled_from([8, 16, 32]))
+def test_parameter_count_formula(d_heads, kv_div, n_layers, vocab, multiple_of):
+    d, q_heads = d_heads
+    kv_heads = q_heads // kv_div
+    cfg = lillm.ModelConfig(vocab_size=vocab, d_model=d, n_layers=n_layers, q_heads=q_heads, kv_heads=kv_heads,
+                            multiple_of=multiple_of, max_seq_len=16)
+    hd, hidden = d // q_heads, cfg.hidden_dim
+    expected = vocab * d + n_layers * (2 * d * d + 2 * d * kv_heads * hd + 3 * d * hidden + 2 * d) + d
+    assert lillm.LilLM(cfg).num_params() == expected
+
+
+@pytest.mark.parametrize("bad", [dict(d_model=30, q_heads=4), dict(q_heads=6, kv_heads=4), dict(d_model=24, q_heads=8),
+                                 dict(vocab_size=0), dict(dropout=1.0), dict(norm_eps=0.0), dict(n_layers=2.0)])
+def test_invalid_config_fails_at_construction(bad):
+    with pytest.raises(ValueError):
+        tiny_config(**bad)
+
+
+def test_loss_at_initialization_is_that_of_a_uniform_guess():
+    cfg = lillm.ModelConfig()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 65))
+    with torch.no_grad():
+        _, loss = lillm.LilLM(cfg)(tokens[:, :-1], tokens[:, 1:])
+    # Logits N(0, sigma^2) with sigma = 0.02 sqrt(d) (tied N(0, 0.02) embedding, unit-RMS features) give
+    # E[loss] = ln V + sigma^2 / 2 (notes.md): 9.011 + 0.102.
+    expected = math.log(cfg.vocab_size) + (0.02**2 * cfg.d_model) / 2
+    assert abs(loss.item() - expected) < 0.05, f"loss {loss.item():.3f}, expected {expected:.3f} (ln V = 9.011)"
+
+
+def test_loss_is_the_mean_over_targets_that_are_not_ignored():
+    model, tokens = tiny_model(), torch.randint(0, 96, (2, 10))
+    targets = tokens.clone()
+    targets[:, :4] = -100
+    logits, loss = model(tokens, targets)
+    assert_close(loss, torch.nn.functional.cross_entropy(logits[:, 4:].reshape(-1, 96), tokens[:, 4:].reshape(-1)))
+
+
+def test_tiny_model_overfits_one_batch():
+    model = lillm.LilLM(tiny_config(vocab_size=64, max_seq_len=32)).train()
+    tokens = torch.randint(0, 64, (4, 17))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        _, loss = model(tokens[:, :-1], tokens[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05, f"loss after 200 steps on one batch: {loss.item():.3f} (ln 64 = 4.16 at the start)"
+
+
+def test_the_whole_model_is_causal():
+    model, tokens = tiny_model(), torch.randint(0, 96, (2, 20))
+    changed = tokens.clone()
+    changed[:, 12:] = torch.randint(0, 96, (2, 8))
+    with torch.no_grad():
+        a, b = model(tokens)[0], model(changed)[0]
+    assert_close(a[:, :12], b[:, :12])
+    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-3  # the changed positions do change
+
+
+def test_bad_inputs_give_clear_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="token ids must be in"):
+        model(torch.tensor([[1, 2, 96]]))
+    with pytest.raises(ValueError, match="token ids must be in"):
+        model(torch.tensor([[1, -1]]))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 49, dtype=torch.long))
+    with pytest.raises(ValueError, match="longer than max_seq_len"):
+        model.generate([[1] * 49], 4)
+    with pytest.raises(ValueError, match="non-empty prompts"):
+        model.generate([[1, 2], []], 4)
+    with pytest.raises(ValueError, match="token ids must be in"):
+        model.generate([[1, 200]], 4)
+
+
+# ---- generation ----
+
+@given(lengths=st.lists(st.integers(1, 9), min_size=1, max_size=3), max_new=st.integers(1, 8), seed=st.integers(0, 99))
+def test_kv_cache_generation_equals_recomputing_the_sequence(lengths, max_new, seed):
+    torch.manual_seed(seed)
+    model = tiny_model()
+    prompts = [torch.randint(0, 96, (n,)).tolist() for n in lengths]
+    assert model.generate(prompts, max_new, stop_id=None) == [naive_greedy(model, p, max_new) for p in prompts]
+
+
+def test_each_row_of_a_ragged_batch_equals_generating_it_alone():
+    model = tiny_model()
+    prompts = [torch.randint(0, 96, (n,)).tolist() for n in (3, 11, 1, 7)]
+    batch = model.generate(prompts, 20, stop_id=None)
+    assert batch == [model.generate([p], 20, stop_id=None)[0] for p in prompts]
+    assert all(len(row) == 20 for row in batch) and len(set(batch[0])) > 5  # varied, not one repeated token
+
+
+def test_each_row_stops_at_the_stop_token():
+    model = tiny_model()
+    prompts = [torch.randint(0, 96, (n,)).tolist() for n in (4, 6)]
+    free = model.generate(prompts, 24, stop_id=None)
+    stop = free[0][5]  # row 0 produces this token at step 5 at the latest
+    cut = [row[: row.index(stop) + 1] if stop in row else row for row in free]
+    assert model.generate(prompts, 24, stop_id=stop) == cut
+    assert len(cut[0]) <= 6 < len(cut[1])  # row 0 stopped, row 1 went on
+    steps = list(model.generate_stream(prompts, 24, stop_id=stop))
+    assert [step[0] for step in steps[: len(cut[0])]] == cut[0]  # row 0 has the shortest prompt: it starts at step 0
+    assert all(step[0] is None for step in steps[len(cut[0]):])  # a finished row stops growing
+
+
+def test_generation_never_goes_past_max_seq_len():
+    model = tiny_model()  # max_seq_len 48
+    out = model.generate([[5] * 45, [7] * 30], 10, stop_id=None)
+    assert [len(row) for row in out] == [3, 10]
+    assert model.generate([[5] * 48], 10) == [[]]
+    assert model.generate([[5] * 4], 0) == [[]]
+
+
+@given(k=st.integers(1, 10), p=st.floats(0.05, 0.95), temperature=st.floats(0.3, 2.0), seed=st.integers(0, 99))
+def test_top_k_and_top_p_restrict_the_support(k, p, temperature, seed):
+    torch.manual_seed(seed)
+    logits = torch.randn(1, 50) * 3
+    samples = lillm.sample_next(logits.expand(4000, 50), temperature, top_k=k, generator=torch.Generator().manual_seed(seed))
+    assert set(samples.tolist()) <= set(logits[0].topk(k).indices.tolist())
+    probs = torch.softmax(logits[0] / temperature, -1)
+    order = probs.argsort(descending=True)
+    n_keep = int((probs[order].cumsum(0) < p).sum()) + 1  # the smallest prefix whose mass reaches p
+    samples = lillm.sample_next(logits.expand(4000, 50), temperature, top_p=p, generator=torch.Generator().manual_seed(seed))
+    assert set(samples.tolist()) <= set(order[:n_keep].tolist())
+    if n_keep > 1 and probs[order[n_keep - 1]] > 0.02:
+        assert set(samples.tolist()) == set(order[:n_keep].tolist())  # and nothing in it is lost
+
+
+def test_greedy_is_temperature_zero_and_sampling_follows_the_seed():
+    model, prompts = tiny_model(), [[1, 2, 3], [4, 5]]
+    assert model.generate(prompts, 10, temperature=0.0) == model.generate(prompts, 10)
+
+    def sample(seed):
+        return model.generate(prompts, 20, temperature=1.0, top_k=40, top_p=0.9, generator=torch.Generator().manual_seed(seed))
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+
+
+def test_generation_restores_training_mode_and_compiled_decoding_agrees(monkeypatch):
+    model = tiny_model(dropout=0.1).train()
+    prompts = [[1, 2, 3], [9]]
+    eager = model.generate(prompts, 6, stop_id=None)
+    assert model.training
+    # Dynamo's tracing without inductor's code generation (a minute on 2 cores): the graph, not the kernels.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    assert model.generate(prompts, 6, stop_id=None, compile=True) == eager
+    # The compiled one-token step must be ONE graph at every position (a graph break per layer would keep
+    # the Python overhead that compiling removes): count the frames dynamo hands to a backend.
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter, caches = CompileCounter(), [import_module("05_gqa.gqa").KVCache(1, 10, 2, 8) for _ in model.layers]
+    step = torch.compile(model.eval().compute_logits, backend=counter, dynamic=True)
+    with torch.no_grad():
+        for pos in range(4, 8):
+            step(torch.tensor([[pos]]), pos, caches)
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs for a one-token step"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_generation_on_cuda_matches_cpu():
+    model = tiny_model()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    assert model.cuda().generate(prompts, 12, stop_id=None) == model.cpu().generate(prompts, 12, stop_id=None)
+
+
+def test_streamed_text_prints_whole_characters(tokenizer_path):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    ids = tok.encode("日本語 naïve").ids
+
+    class Replay:  # a "model" whose stream is the encoding of a known text, one token per step
+        def generate_stream(self, prompts, max_new_tokens, **sampling):
+            yield from ([t] for t in ids)
+
+    pieces = list(gen.stream_text(Replay(), tok, "x", 99))
+    assert len(ids) > len("日本語 naïve") - 2  # byte-level fragments of characters
+    assert "".join(pieces) == "日本語 naïve" and not any("\ufffd" in p for p in pieces)
+
+
+def test_generate_command_explains_how_to_get_a_checkpoint(tmp_path):
+    for argv in ([], ["--checkpoint", str(tmp_path / "missing.safetensors")]):
+        with pytest.raises(SystemExit, match="07_pretrain_ddp/train.py"):
+            gen.main(argv)
+
+
+# ---- checkpoints ----
+
+def test_checkpoint_round_trip_file_and_trainer_directory(tmp_path):
+    model = tiny_model()
+    lillm.save_model(model, tmp_path / "m.safetensors")
+    lillm.save_model(model, tmp_path / "ckpt_latest" / "model.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        assert "output.weight" not in f.keys() and "tok_embeddings.weight" in f.keys()  # the tied matrix once
+        assert json.loads(f.metadata()["lillm_config"]) == model.config.to_dict()
+    assert not list(tmp_path.glob("*.tmp"))
+    for path in (tmp_path / "m.safetensors", tmp_path / "ckpt_latest"):
+        loaded = lillm.load_model(path)
+        assert loaded.config == model.config and loaded.output.weight is loaded.tok_embeddings.weight
+        for k, v in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_bad_checkpoints_give_one_line_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="07_pretrain_ddp/train.py"):
+        lillm.load_model(tmp_path / "nothing.safetensors")
+    with pytest.raises(FileNotFoundError):
+        lillm.load_model(tmp_path)  # a directory without model.safetensors
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x00\x01 this is not safetensors")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        lillm.load_model(tmp_path / "corrupt.safetensors")
+    model = tiny_model()
+    lillm.save_model(model, tmp_path / "good.safetensors")
+    data = (tmp_path / "good.safetensors").read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        lillm.load_model(tmp_path / "truncated.safetensors")
+    state = {k: v for k, v in model.state_dict().items() if k != "output.weight"}
+    other = json.dumps(tiny_config(d_model=64).to_dict())
+    save_file(state, str(tmp_path / "mismatch.safetensors"), metadata={"lillm_config": other})
+    with pytest.raises(ValueError, match="do not match its config") as err:
+        lillm.load_model(tmp_path / "mismatch.safetensors")
+    assert "\n" not in str(err.value)
+    save_file(state, str(tmp_path / "nometa.safetensors"))
+    with pytest.raises(ValueError, match="lillm_config"):
+        lillm.load_model(tmp_path / "nometa.safetensors")
+
+
+# ---- Hugging Face interop ----
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tokenizer_path):
+    torch.manual_seed(0)
+    model = tiny_model(vocab_size=300)  # the fixture tokenizer's vocabulary
+    out = hf.export_hf(model, tokenizer_path, tmp_path_factory.mktemp("hf") / "export")
+    return model, out
+
+
+def test_rope_permutation_is_a_permutation_and_its_inverse():
+    w = torch.randn(4 * 8, 5)
+    halves = hf.interleaved_to_halves(w, n_heads=4)
+    assert torch.equal(hf.halves_to_interleaved(halves, n_heads=4), w)
+    assert torch.equal(halves[:8], w[:8][[0, 2, 4, 6, 1, 3, 5, 7]])  # head 0: even rows, then odd rows
+
+
+def test_export_config_and_logits_match_transformers(exported):
+    from transformers import AutoModelForCausalLM
+
+    model, out = exported
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] and config["num_key_value_heads"] == 2 and config["rope_theta"] == 500.0
+    assert hf.hf_config(lillm.ModelConfig(), torch.float32)["intermediate_size"] == 1408
+    ref = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokens = torch.randint(0, 300, (3, 48))
+    with torch.no_grad():
+        assert_close(model(tokens)[0], ref(tokens).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_generation_matches_transformers_generate(exported):
+    from transformers import AutoModelForCausalLM
+
+    model, out = exported
+    ref = AutoModelForCausalLM.from_pretrained(out).eval()
+    prompt = torch.randint(3, 300, (1, 6))
+    theirs = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, do_sample=False)
+    ours = model.generate(prompt.tolist(), 32)[0]
+    assert ours == theirs[0, 6:].tolist() and len(set(ours)) > 5
+
+
+def test_import_of_the_export_is_the_same_model(exported, tmp_path):
+    model, out = exported
+    back = hf.import_hf(out)
+    # multiple_of is not in a Llama config: the import picks one that gives the same FFN size.
+    assert back.config.hidden_dim == model.config.hidden_dim
+    assert {**back.config.to_dict(), "multiple_of": 0} == {**model.config.to_dict(), "multiple_of": 0}
+    assert back.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(lillm.load_model(out).state_dict()[k], v) for k, v in model.state_dict().items())
+    config = json.loads((out / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    with pytest.raises(ValueError, match="hidden_act"):
+        hf.import_hf(tmp_path)
+
+
+def test_autotokenizer_from_the_export_gives_the_same_ids(exported, tokenizer_path):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    _, out = exported
+    theirs, ours = AutoTokenizer.from_pretrained(out), Tokenizer.from_file(str(tokenizer_path))
+    for text in (TEXT, "héllo </s> <s>日本 <r3>", " leading space"):
+        assert theirs(text)["input_ids"] == ours.encode(text).ids
+    assert (theirs.bos_token_id, theirs.eos_token_id, theirs.unk_token_id) == (1, 2, 0)
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
