@@ -372,7 +372,7 @@ def test_ensure_data_makes_what_is_missing_and_checks_the_rest(excerpt, tmp_path
     assert files_in(data_dir) == before, "a second call must not rewrite anything"
     with pytest.raises(DataError, match="not the 512 asked for"):
         prepare.ensure_data(data_dir, tok_path, corpus=spec, vocab_size=512)
-    tokenizer.train(spec, 300, tok_path)  # the user retrains the tokenizer: the token files no longer match
+    tokenizer.train(spec, 300, tok_path, force=True)  # the user retrains the tokenizer: the token files no longer match
     with pytest.raises(DataError, match="another tokenizer"):
         prepare.ensure_data(data_dir, tok_path, corpus=spec, vocab_size=300)
     assert files_in(data_dir) == before
