@@ -27,6 +27,17 @@ def seed_everything():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For files of tiny models: a second intra-op thread gains nothing on tensors this small, and on a busy
+    2-core machine OpenMP threads that spin-wait for a core another process holds make a file up to ten
+    times slower. torchrun already gives each worker one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, **tolerances):
     """torch.testing.assert_close, with the max and mean absolute difference in the failure message."""
     diff = (actual.double() - expected.double()).abs()

@@ -27,14 +27,7 @@ SPECIALS = ["<unk>", "<s>", "</s>"] + [f"<r{i}>" for i in range(13)]  # lesson 0
 TEXT = "Once upon a time, a small model learned to count: un, deux, trois. Héllo wörld, 日本語のテキスト, naïve café. "
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a shared 2-core machine every parallel region
-    waits for a core another process holds: one thread runs this file about 10x faster there."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def tiny_config(**overrides):

@@ -114,14 +114,7 @@ def snapshot(*dirs: Path) -> dict:
     return {p: hashlib.sha256(p.read_bytes()).hexdigest() for d in dirs for p in sorted(Path(d).rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from a second intra-op thread, and on a busy 2-core machine OpenMP threads
-    that spin-wait for each other make it ten times slower. torchrun already gives each worker one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
