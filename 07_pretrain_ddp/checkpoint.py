@@ -71,15 +71,20 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save(ckpt_dir, model, train_state: dict) -> None:
-    """Write `model` (unwrapped: no DDP "module." prefix) and `train_state` as ckpt_dir, atomically."""
+def save(ckpt_dir, model, train_state: dict, write_weights=None) -> None:
+    """Write `model` (unwrapped: no DDP "module." prefix) and `train_state` as ckpt_dir, atomically.
+    write_weights(directory), if given, writes the weight file(s) instead of model.safetensors
+    (lesson 08 writes LoRA adapters only)."""
     final = Path(ckpt_dir)
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)  # a save that died half-way
     tmp.mkdir(parents=True)
-    lillm.save_model(model, tmp / MODEL_FILE)
+    if write_weights is None:
+        lillm.save_model(model, tmp / MODEL_FILE)
+    else:
+        write_weights(tmp)
     torch.save(train_state, tmp / STATE_FILE)
-    for path in (tmp / MODEL_FILE, tmp / STATE_FILE, tmp):
+    for path in (*sorted(tmp.iterdir()), tmp):
         _fsync(path)
     if old.exists():  # a swap died after its first rename: old is the only complete copy, so restore it first
         if final.exists():
