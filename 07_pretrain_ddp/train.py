@@ -198,19 +198,27 @@ def git_revision() -> str:
         return "unknown (no git checkout or no commit)"
 
 
-def load_data(cfg: dict, local_rank: int, ddp: bool) -> dict:
-    """Lesson 01's meta dict; its token files are built first (once per node) when missing."""
+def build_then_barrier(build, builder: bool, ddp: bool) -> None:
+    """Run build() on the builder rank while the others wait at a barrier. Its DataError is raised after the
+    barrier, so the other ranks are not left waiting for a rank that died."""
     error = None
-    if local_rank == 0 and not (Path(cfg["data_dir"]) / "meta.json").exists():
-        print(f"no token files in {cfg['data_dir']}: building them with lesson 01 from corpus {cfg['corpus']!r}")
+    if builder:
         try:
-            prepare.ensure_data(cfg["data_dir"], cfg["tokenizer"], cfg["corpus"])
+            build()
         except prepare.DataError as e:
-            error = e  # raised after the barrier, so the other ranks are not left waiting
+            error = e
     if ddp:
         dist.barrier()
     if error:
         raise error
+
+
+def load_data(cfg: dict, local_rank: int, ddp: bool) -> dict:
+    """Lesson 01's meta dict; its token files are built first (once per node) when missing."""
+    builder = local_rank == 0 and not (Path(cfg["data_dir"]) / "meta.json").exists()
+    if builder:
+        print(f"no token files in {cfg['data_dir']}: building them with lesson 01 from corpus {cfg['corpus']!r}")
+    build_then_barrier(lambda: prepare.ensure_data(cfg["data_dir"], cfg["tokenizer"], cfg["corpus"]), builder, ddp)
     meta = prepare.load_meta(cfg["data_dir"])
     tokenizer_lib.load_tokenizer(cfg["tokenizer"])  # a one-line DataError if it is missing or unreadable
     prepare.check_tokenizer(meta, cfg["tokenizer"], cfg["data_dir"])

@@ -260,16 +260,9 @@ def train(cfg: dict, state: dict | None, ddp: bool, rank: int, world: int, devic
     tokenizer_path = template.find_tokenizer(cfg["base"], cfg["tokenizer"])
     model, fmt = load_base(cfg, device, tokenizer_path)
     max_len = model.config.max_seq_len
-    error = None
-    if master and not cfg["data"] and not cfg["hf_dataset"]:
-        try:
-            data.default_data(cfg["data_dir"])  # built once, by rank 0, before the others read it
-        except data.DataError as e:
-            error = e  # raised after the barrier, so the other ranks are not left waiting (as in 07)
-    if ddp:
-        dist.barrier()
-    if error:
-        raise error
+    # The offline instruction set is built once, by rank 0, before the others read it.
+    pretrain.build_then_barrier(lambda: data.default_data(cfg["data_dir"]),
+                                master and not cfg["data"] and not cfg["hf_dataset"], ddp)
     train_convs, val_convs = load_conversations(cfg)
     examples, counts = data.encode_all(fmt, train_convs, max_len)
     val_examples, _ = data.encode_all(fmt, val_convs, max_len)
