@@ -3,7 +3,8 @@
 Both models are built in this process from one set of weights (hf.py's mapping) and measured in
 alternation, step by step, so a machine shared with other jobs slows both alike: read the RATIOS.
 Printed: the fp32 and bf16 matmul peak measured now, training-step throughput (forward + backward +
-AdamW) and MFU per mode, and greedy generation tokens/s at batch 1 and 8.
+AdamW) and MFU per mode, and greedy generation tokens/s at batch 1 and 8: lilLM's decode step eager,
+compiled, and with int8 weights (int8.py), against transformers in float32.
 
     python 06_model/bench.py                                   # everything, default config (hours in bf16 on AVX2)
     python 06_model/bench.py --threads 1 --steps 2 --modes fp32,fp32+compile   # notes.md's run, ~35 min
@@ -29,8 +30,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 lillm = import_module("06_model.model")
 hf = import_module("06_model.hf")
+int8 = import_module("06_model.int8")
 
 MODES = ["fp32", "bf16", "fp32+compile", "bf16+compile"]
+GEN_MODES = ["eager", "compile", "int8", "int8+compile"]
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
@@ -100,12 +103,19 @@ def bench_train(model, args, peaks):
         print(f"{mode:14s} lilLM {tps[0] * model.flops_per_token(T) / peak:6.1%}   HF {tps[1] * model.flops_per_token(T) / peak:6.1%}")
 
 
+def equal_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def bench_generate(model, args):
     ref = reference(model).eval()
     model.eval()
+    quantized = int8.quantize_int8(copy.deepcopy(model)) if any(m.startswith("int8") for m in args.gen_modes) else None
     N, P = args.new_tokens, args.prompt_len
-    print(f"\n## greedy generation: prompt {P}, {N} new tokens, float32, {args.repeats} timed runs after one warm-up")
-    print(f"{'batch':>5s} {'mode':8s} {'lilLM tok/s':>12s} {'HF tok/s':>10s} {'ratio':>6s}  same tokens")
+    print(f"\n## greedy generation: prompt {P}, {N} new tokens, transformers in float32, "
+          f"{args.repeats} timed runs after one warm-up")
+    print("same tokens: the fewest leading tokens, over the rows, equal to transformers' greedy tokens")
+    print(f"{'batch':>5s} {'mode':13s} {'lilLM tok/s':>12s} {'HF tok/s':>10s} {'ratio':>6s}  same tokens")
     for B in args.gen_batches:
         prompts = torch.randint(3, model.config.vocab_size, (B, P))
 
@@ -114,16 +124,19 @@ def bench_generate(model, args):
                                 min_new_tokens=N, do_sample=False, pad_token_id=2)
 
         for mode in args.gen_modes:
-            def ours():
-                return model.generate(prompts.tolist(), N, stop_id=None, compile=mode == "compile")
+            net = quantized if mode.startswith("int8") else model
 
-            same = ours() == theirs()[:, P:].tolist()  # warm-up (and compilation) and a correctness check
+            def ours():
+                return net.generate(prompts.tolist(), N, stop_id=None, compile=mode.endswith("compile"))
+
+            # warm-up (and compilation) and the correctness check
+            same = min(equal_prefix(a, b) for a, b in zip(ours(), theirs()[:, P:].tolist()))
             t_ours, t_ref = [], []
             for _ in range(args.repeats):
                 t_ours.append(timed(ours))
                 t_ref.append(timed(theirs))
             a, b = B * N / statistics.median(t_ours), B * N / statistics.median(t_ref)
-            print(f"{B:5d} {mode:8s} {a:12.1f} {b:10.1f} {a / b:6.2f}  {same}", flush=True)
+            print(f"{B:5d} {mode:13s} {a:12.1f} {b:10.1f} {a / b:6.2f}  {same}/{N}", flush=True)
 
 
 def main():
@@ -137,7 +150,7 @@ def main():
     parser.add_argument("--prompt_len", type=int, default=16, help="generation prompt length")
     parser.add_argument("--new_tokens", type=int, default=256, help="tokens generated per row")
     parser.add_argument("--gen_batches", default="1,8", help="generation batch sizes, comma-separated")
-    parser.add_argument("--gen_modes", default="eager,compile", help="lilLM decode step: eager and/or compile")
+    parser.add_argument("--gen_modes", default=",".join(GEN_MODES), help=f"lilLM decode steps, from {GEN_MODES}")
     parser.add_argument("--repeats", type=int, default=2, help="timed generation runs per model")
     parser.add_argument("--peak_n", type=int, default=2048, help="matmul size for the peak FLOP/s")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
@@ -147,6 +160,8 @@ def main():
     args.gen_batches = [int(b) for b in args.gen_batches.split(",")]
     if bad := set(args.modes) - set(MODES):
         sys.exit(f"unknown modes {sorted(bad)}: choose from {MODES}")
+    if bad := set(args.gen_modes) - set(GEN_MODES):
+        sys.exit(f"unknown generation modes {sorted(bad)}: choose from {GEN_MODES}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = lillm.LilLM(lillm.ModelConfig())

@@ -246,8 +246,11 @@ TIED = "output.weight"  # the same tensor as tok_embeddings.weight
 def save_model(model: LilLM, path) -> None:
     """Write model.state_dict() and its config to `path` atomically (a temp file, then os.replace)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != TIED}
+    if any(v.dtype == torch.int8 for v in state.values()):
+        raise ValueError("this model was quantized to int8 for decoding (06_model/int8.py): save the float model "
+                         "and quantize after load_model")
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={"lillm_config": json.dumps(model.config.to_dict())})
     os.replace(tmp, path)  # a crash mid-write never leaves a half-written checkpoint under the real name

@@ -6,6 +6,7 @@ recomputing the whole sequence at every step (for the KV cache), and closed-form
 Run: python -m pytest tests/test_06_model.py -x -q
 """
 
+import copy
 import functools
 import json
 import math
@@ -13,6 +14,7 @@ from importlib import import_module
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import assert_close
 from hypothesis import given
 from hypothesis import strategies as st
@@ -22,6 +24,7 @@ from safetensors.torch import save_file
 lillm = import_module("06_model.model")
 hf = import_module("06_model.hf")
 gen = import_module("06_model.generate")
+int8 = import_module("06_model.int8")
 
 SPECIALS = ["<unk>", "<s>", "</s>"] + [f"<r{i}>" for i in range(13)]  # lesson 01's ids 0, 1, 2, 3..15
 TEXT = "Once upon a time, a small model learned to count: un, deux, trois. Héllo wörld, 日本語のテキスト, naïve café. "
@@ -272,6 +275,23 @@ def test_generate_command_explains_how_to_get_a_checkpoint(tmp_path):
             gen.main(argv)
 
 
+def test_generate_command_streams_a_checkpoint_in_float_and_int8(tmp_path, tokenizer_path, capsys, monkeypatch):
+    from tokenizers import Tokenizer
+
+    tok, model = Tokenizer.from_file(str(tokenizer_path)), tiny_model(vocab_size=300)  # the fixture's vocabulary
+    lillm.save_model(model, tmp_path / "m.safetensors")
+    runs = (([], model), (["--int8"], int8.quantize_int8(copy.deepcopy(model))))
+    quantized = []  # the models the command quantized
+    monkeypatch.setattr(int8, "quantize_int8", lambda m, f=int8.quantize_int8: quantized.append(f(m)) or m)
+    argv = ["--checkpoint", str(tmp_path / "m.safetensors"), "--tokenizer", str(tokenizer_path), "--prompt", "Once upon",
+            "--temperature", "0", "--max_new_tokens", "12"]
+    for flags, net in runs:
+        gen.main(argv + flags)
+        expected = "".join(gen.stream_text(net, tok, "Once upon", 12, temperature=0.0))
+        assert capsys.readouterr().out == f"Once upon{expected}\n" and expected, flags
+        assert len(quantized) == len(flags)
+
+
 # ---- checkpoints ----
 
 def test_checkpoint_round_trip_file_and_trainer_directory(tmp_path):
@@ -312,6 +332,51 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
     save_file(state, str(tmp_path / "nometa.safetensors"))
     with pytest.raises(ValueError, match="lillm_config"):
         lillm.load_model(tmp_path / "nometa.safetensors")
+
+
+# ---- int8 weight-only decoding ----
+
+@given(in_features=st.integers(1, 40), out_features=st.integers(1, 24), rows=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_int8_linear_is_the_dequantized_matmul(in_features, out_features, rows, seed):
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features, bias=False)
+    q = int8.Int8Linear(linear)
+    w, wq, s = linear.weight.detach(), q.weight, q.scale.float()  # (out, in), (out, in) int8, (out,)
+    assert wq.dtype == torch.int8 and wq.abs().amax(dim=1).min() >= 126  # the full range (the bf16 scale rounds)
+    assert torch.all((w - wq.float() * s[:, None]).abs() <= s[:, None] * (0.5 + 1e-6)), "not rounded to nearest"
+    x = torch.randn(rows, 5, in_features)
+    expected = F.linear(x, wq.float()) * s  # (rows, 5, out) the formula, in float32
+    if in_features % 8:  # the formula itself
+        assert_close(q(x), expected)
+    else:  # aten's int8 kernel: bf16 activations and scales, an fp32 sum, a bf16 result
+        assert_close(q(x), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("d_model", [32, 20])  # in_features a multiple of 8 (aten's kernel) or not (the formula)
+def test_int8_model_decodes_like_the_float_model(d_model):
+    model = tiny_model(d_model=d_model, q_heads=2, kv_heads=1)
+    tokens = torch.randint(0, 96, (2, 24))
+    with torch.no_grad():
+        expected, _ = model(tokens)
+        int8.quantize_int8(model)
+        assert all(isinstance(m, int8.Int8Linear) for m in (model.output, model.layers[0].attention.wq, model.layers[1].feed_forward.w2))
+        assert model.tok_embeddings.weight.dtype == torch.float32
+        logits, _ = model(tokens)
+    # Rounding to 255 levels moves each product by ~1% (uniform error s/sqrt(12) against weights of ~max/3),
+    # bf16 activations add ~0.3%; over two blocks that compounds to a few percent, not tens.
+    assert ((logits - expected).norm() / expected.norm()).item() < 0.05
+    # the cache of the int8 model agrees with recomputing the int8 model over the whole sequence
+    assert model.generate([[5, 6, 7]], 10, stop_id=None)[0] == naive_greedy(model, [5, 6, 7], 10)
+    with pytest.raises(ValueError, match="quantize after load_model"):
+        lillm.save_model(model, "never-written.safetensors")
+
+
+def test_compiled_int8_decoding_equals_eager():
+    """Inductor lowers aten's int8 kernel (one layer: a real compile, not the eager backend)."""
+    model = int8.quantize_int8(tiny_model(n_layers=1))
+    prompts = [[1, 2, 3], [9]]
+    torch._dynamo.reset()
+    assert model.generate(prompts, 6, stop_id=None, compile=True) == model.generate(prompts, 6, stop_id=None)
 
 
 # ---- Hugging Face interop ----

@@ -1,0 +1,129 @@
+"""Int8 weight-only quantization for decoding: a quarter of the bytes per token, for batch-1 speed.
+
+Decoding one token multiplies a (1, d) activation by every weight matrix once: 2 FLOPs per weight,
+4 bytes read per fp32 weight. A CPU core reads ~10 GB/s from memory, so the 158 MB of fp32 weights set
+the floor of a step (~14 ms here), not the arithmetic. Storing each weight as one byte cuts that floor
+by 4x; the activations stay floating point ("weight-only", as in LLM.int8's successors, gpt-fast, torchao).
+
+    s_n     = max_k |W[n, k]| / 127                   one scale per output channel (row of W), symmetric, bf16
+    Wq[n,k] = round(W[n, k] / s_n)  in [-127, 127]    int8
+    y       = (x Wq^T) * s                            == x (Wq * s)^T: the scale factors out of the row's dot product
+    |W - Wq s| <= s / 2                               rounding to nearest, per weight
+
+Only nn.Linear layers change (attention's wq/wk/wv/wo, SwiGLU's w1/w2/w3, the output head); the
+embedding, norms and KV cache stay float32. The result is for inference only: its int8 buffers take no
+gradients and save_model refuses it (quantize after loading instead; it takes about a second).
+
+On CPU the product is aten's `_weight_int8pack_mm` kernel with bfloat16 activations (its float32 path is
+not vectorized and runs ~10x slower); it returns wrong numbers, or crashes, when in_features is not a
+multiple of 8, so other sizes, and other devices, take the plain formula above. Left out: int4, activation quantization
+(int8 x int8 needs VNNI units this CPU lacks), calibration (absmax per row is enough at 8 bits).
+
+Demo: python 06_model/int8.py                                  # the default config, random tokens
+      python 06_model/int8.py --checkpoint out/ckpt_best         # the main job's model on its val tokens
+"""
+
+import argparse
+import sys
+import time
+from importlib import import_module
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+lillm = import_module("06_model.model")
+
+
+class Int8Linear(nn.Module):
+    """Replaces a bias-free nn.Linear(in_features, out_features): weight int8 (out, in), scale (out,)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        assert linear.bias is None, "lilLM has no biases; Int8Linear keeps none"
+        w = linear.weight.detach().float()  # (out, in)
+        # (out,) in bfloat16, the kernel's dtype, rounded BEFORE dividing so that Wq matches the scale used.
+        # A zero row keeps a finite scale; a scale rounded down can push |W / s| past 127: clamp.
+        scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16)
+        wq = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)  # (out, in)
+        self.register_buffer("weight", wq)
+        self.register_buffer("scale", scale)
+        self.in_features, self.out_features = w.shape[1], w.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out), in x's dtype
+        if x.is_cpu and self.in_features % 8 == 0:
+            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (N, in) the kernel's fast input dtype
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale)  # (N, out)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight, per-row scale"
+
+
+@torch.no_grad()
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Swap every nn.Linear of `model` for an Int8Linear, in place (a tied head gets its own int8 copy;
+    the embedding keeps the float matrix). Returns the model, in eval mode."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, Int8Linear(child))
+    model.__dict__.pop("_decode_step", None)  # a decode step compiled for the float layers
+    return model.eval()
+
+
+def decode_speed(model, prompt: list[int], n: int = 64) -> float:
+    """Greedy tokens/s at batch 1, eager, after a short warm-up."""
+    model.generate([prompt], 4, stop_id=None)
+    t = time.perf_counter()
+    model.generate([prompt], n, stop_id=None)
+    return n / (time.perf_counter() - t)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Quantize a model's matrices to int8: the bytes, the error, the speed.")
+    parser.add_argument("--checkpoint", help="a trained model (save_model file, out/ckpt_* or a Hugging Face export "
+                        "directory); without one, the default config at initialization and random tokens")
+    parser.add_argument("--tokens", default="data/shakespeare/val.bin", help="uint16 token file for the loss (with --checkpoint)")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    try:
+        model = lillm.load_model(args.checkpoint) if args.checkpoint else lillm.LilLM(lillm.ModelConfig())
+        T = model.config.max_seq_len
+        if args.checkpoint:  # every whole window of the token file: (N, T) inputs and their next tokens
+            ids = torch.from_numpy(np.fromfile(args.tokens, dtype=np.uint16).astype(np.int64))
+            if len(ids) <= T:
+                raise ValueError(f"{args.tokens} holds {len(ids)} tokens, fewer than one window of {T + 1}")
+        else:
+            ids = torch.randint(0, model.config.vocab_size, (4 * T + 1,))
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e} (make the token files with python 01_tokenizer/prepare.py, or pass --tokens)")
+    n = (len(ids) - 1) // T * T
+    x, y = ids[:n].view(-1, T), ids[1 : n + 1].view(-1, T)  # (N, T)
+    model.eval()
+    fp32_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # the tied matrix once
+    with torch.no_grad():
+        ref, ref_loss = model(x, y)
+        ref_speed, ref_tokens = decode_speed(model, x[0, :16].tolist()), model.generate([x[0, :16].tolist()], 64, stop_id=None)[0]
+        quantize_int8(model)
+        out, loss = model(x, y)
+    int8_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    tokens = model.generate([x[0, :16].tolist()], 64, stop_id=None)[0]
+    same = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), len(tokens))
+    print(f"weights: {fp32_bytes / 1e6:.1f} MB float32 -> {int8_bytes / 1e6:.1f} MB (int8 matrices and their scales, "
+          "the float32 embedding for lookups)")
+    print(f"over {x.numel():,} {'tokens of ' + args.tokens if args.checkpoint else 'random tokens'}: logits off by "
+          f"{((out - ref).norm() / ref.norm()).item():.2%} (relative), loss {ref_loss.item():.4f} float32 -> {loss.item():.4f} int8")
+    print(f"greedy, 64 tokens from a 16-token prompt: the first {same} equal float32's")
+    print(f"eager decoding at batch 1: {ref_speed:.0f} -> {decode_speed(model, x[0, :16].tolist()):.0f} tokens/s "
+          "(06_model/bench.py compares compiled steps with transformers)")
+
+
+if __name__ == "__main__":
+    main()
