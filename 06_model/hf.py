@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
@@ -117,7 +117,7 @@ def export_hf(model, tokenizer_path, out_dir, dtype: torch.dtype = torch.float32
         if added.get(token) != i:
             raise ValueError(f"{tokenizer_path}: special token {token} must have id {i}, has {added.get(token)}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(hf_state_dict(model, dtype), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    lillm.write_safetensors(hf_state_dict(model, dtype), out_dir / "model.safetensors", {"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2))
     (out_dir / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}, indent=2))

@@ -243,17 +243,26 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 TIED = "output.weight"  # the same tensor as tok_embeddings.weight
 
 
-def save_model(model: LilLM, path) -> None:
-    """Write model.state_dict() and its config to `path` atomically (a temp file, then os.replace)."""
+def write_safetensors(tensors: dict, path, metadata: dict) -> None:
+    """safetensors' save_file, atomically: a temp file, then os.replace, so a crash mid-write never leaves a
+    half-written file under the real name. The library creates its files 0600; they get the umask's mode."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    umask = os.umask(0)  # reading the umask means setting it; put it back at once
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
+def save_model(model: LilLM, path) -> None:
+    """Write model.state_dict() (the tied matrix once) and its config to `path`, atomically."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != TIED}
     if any(v.dtype == torch.int8 for v in state.values()):
         raise ValueError("this model was quantized to int8 for decoding (06_model/int8.py): save the float model "
                          "and quantize after load_model")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"lillm_config": json.dumps(model.config.to_dict())})
-    os.replace(tmp, path)  # a crash mid-write never leaves a half-written checkpoint under the real name
+    write_safetensors(state, path, {"lillm_config": json.dumps(model.config.to_dict())})
 
 
 def load_model(path, device="cpu") -> LilLM:

@@ -20,7 +20,6 @@ Demo: python 08_sft/lora.py
 import hashlib
 import json
 import math
-import os
 import sys
 from importlib import import_module
 from pathlib import Path
@@ -29,7 +28,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
@@ -123,12 +121,8 @@ def save_adapters(model: nn.Module, path, base: str) -> None:
     first = next(iter(mods.values()))
     meta = {"rank": first.rank, "alpha": first.alpha, "targets": sorted({n.rsplit(".", 1)[1] for n in mods}),
             "base": str(base), "base_fingerprint": base_fingerprint(model)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous() for k, v in adapter_state(model).items()}, str(tmp),
-              metadata={"lillm_lora": json.dumps(meta)})
-    os.replace(tmp, path)
+    lillm.write_safetensors({k: v.detach().contiguous() for k, v in adapter_state(model).items()}, path,
+                            {"lillm_lora": json.dumps(meta)})
 
 
 def read_adapters(path) -> tuple:

@@ -10,6 +10,7 @@ import copy
 import functools
 import json
 import math
+import os
 from importlib import import_module
 
 import pytest
@@ -302,6 +303,12 @@ def test_checkpoint_round_trip_file_and_trainer_directory(tmp_path):
         assert "output.weight" not in f.keys() and "tok_embeddings.weight" in f.keys()  # the tied matrix once
         assert json.loads(f.metadata()["lillm_config"]) == model.config.to_dict()
     assert not list(tmp_path.glob("*.tmp"))
+    umask = os.umask(0o022)  # safetensors creates 0600 files: ours follow the umask like any other file
+    try:
+        lillm.save_model(model, tmp_path / "m.safetensors")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o644
     for path in (tmp_path / "m.safetensors", tmp_path / "ckpt_latest"):
         loaded = lillm.load_model(path)
         assert loaded.config == model.config and loaded.output.weight is loaded.tok_embeddings.weight
