@@ -106,8 +106,9 @@ def hf_state_dict(model, dtype: torch.dtype = torch.float32) -> dict:
     return state
 
 
-def export_hf(model, tokenizer_path, out_dir, dtype: torch.dtype = torch.float32) -> Path:
-    """Write model.safetensors, config.json, generation_config.json and the tokenizer files to out_dir."""
+def export_hf(model, tokenizer_path, out_dir, dtype: torch.dtype = torch.float32, chat_template: str | None = None) -> Path:
+    """Write model.safetensors, config.json, generation_config.json and the tokenizer files to out_dir;
+    chat_template (a jinja string, lesson 08's) goes into tokenizer_config.json for apply_chat_template."""
     cfg, out_dir, tokenizer_path = model.config, Path(out_dir), Path(tokenizer_path)
     if not tokenizer_path.is_file():
         raise FileNotFoundError(f"no tokenizer at {tokenizer_path}: build it with lesson 01 (01_tokenizer/prepare.py)")
@@ -127,6 +128,7 @@ def export_hf(model, tokenizer_path, out_dir, dtype: torch.dtype = torch.float32
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast",  # the generic tokenizer.json wrapper: no custom code
         **special, "model_max_length": cfg.max_seq_len, "clean_up_tokenization_spaces": False,
+        **({"chat_template": chat_template} if chat_template else {}),
     }, indent=2))
     return out_dir
 

@@ -227,17 +227,6 @@ def load_trained(cfg: dict, ckpt_dir: Path, device, base=None):
     return lora.load_adapters(base if base is not None else lillm.load_model(cfg["base"], device), path)
 
 
-def export_chat_model(model, tokenizer_path, out_dir) -> Path:
-    """Lesson 06's Hugging Face export of a plain (merged) model, with the chat template added to
-    tokenizer_config.json, so that transformers' apply_chat_template speaks the format it was tuned on."""
-    out = Path(hf.export_hf(model, tokenizer_path, out_dir))
-    config_path = out / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["chat_template"] = template.CHAT_TEMPLATE
-    config_path.write_text(json.dumps(config, indent=2))
-    return out
-
-
 def main(argv=None) -> dict:
     given = parse_args(argv)
     cfg, state = resolve_config(given), None
@@ -394,7 +383,8 @@ def train(cfg: dict, state: dict | None, ddp: bool, rank: int, world: int, devic
         metrics.plot(out_dir / "loss.png")
         best = lora.merge_lora(load_trained(cfg, out_dir / "ckpt_best", device))  # merged: a plain LilLM again
         summary["after"]["eot_rate"], answers = end_of_turn_rate(best, fmt, prompts, cfg["answer_tokens"])
-        export_chat_model(best, tokenizer_path, out_dir / "hf")
+        # with the chat template in tokenizer_config.json: apply_chat_template speaks the format it was tuned on
+        hf.export_hf(best, tokenizer_path, out_dir / "hf", chat_template=template.CHAT_TEMPLATE)
         print(f"assistant-token val loss: base {before['val_loss']:.4f} -> fine-tuned {best_val:.4f}")
         print(f"answers ending with </s> within {cfg['answer_tokens']} tokens: base {100 * before['eot_rate']:.0f}% -> "
               f"fine-tuned {100 * summary['after']['eot_rate']:.0f}% of {len(prompts)} validation prompts")

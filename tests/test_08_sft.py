@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 lillm = import_module("06_model.model")
+hf = import_module("06_model.hf")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
 DataError = import_module("01_tokenizer.corpus").DataError
 template = import_module("08_sft.template")
@@ -92,7 +93,8 @@ def hf_tokenizer(tmp_path_factory, tok_path):
     """The tokenizer as transformers loads it from lesson 08's export (tokenizer_config.json's chat_template)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    out = sft.export_chat_model(lillm.LilLM(tiny_config()), tok_path, tmp_path_factory.mktemp("export") / "hf")
+    out = hf.export_hf(lillm.LilLM(tiny_config()), tok_path, tmp_path_factory.mktemp("export") / "hf",
+                       chat_template=template.CHAT_TEMPLATE)
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["chat_template"] == template.CHAT_TEMPLATE
     tok = AutoTokenizer.from_pretrained(str(out))
