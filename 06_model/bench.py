@@ -103,10 +103,6 @@ def bench_train(model, args, peaks):
         print(f"{mode:14s} lilLM {tps[0] * model.flops_per_token(T) / peak:6.1%}   HF {tps[1] * model.flops_per_token(T) / peak:6.1%}")
 
 
-def equal_prefix(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 def bench_generate(model, args):
     ref = reference(model).eval()
     model.eval()
@@ -130,7 +126,7 @@ def bench_generate(model, args):
                 return net.generate(prompts.tolist(), N, stop_id=None, compile=mode.endswith("compile"))
 
             # warm-up (and compilation) and the correctness check
-            same = min(equal_prefix(a, b) for a, b in zip(ours(), theirs()[:, P:].tolist()))
+            same = min(int8.equal_prefix(a, b) for a, b in zip(ours(), theirs()[:, P:].tolist()))
             t_ours, t_ref = [], []
             for _ in range(args.repeats):
                 t_ours.append(timed(ours))

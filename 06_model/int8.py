@@ -78,12 +78,17 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def decode_speed(model, prompt: list[int], n: int = 64) -> float:
-    """Greedy tokens/s at batch 1, eager, after a short warm-up."""
-    model.generate([prompt], 4, stop_id=None)
+def equal_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two continuations share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def decode(model, prompt: list[int], n: int = 64) -> tuple[list[int], float]:
+    """n greedy tokens after `prompt` at batch 1, eager, and their tokens/s (timed on a second, warm run)."""
+    tokens = model.generate([prompt], n, stop_id=None)[0]
     t = time.perf_counter()
     model.generate([prompt], n, stop_id=None)
-    return n / (time.perf_counter() - t)
+    return tokens, n / (time.perf_counter() - t)
 
 
 def main(argv=None):
@@ -95,33 +100,38 @@ def main(argv=None):
     torch.manual_seed(0)
     try:
         model = lillm.load_model(args.checkpoint) if args.checkpoint else lillm.LilLM(lillm.ModelConfig())
-        T = model.config.max_seq_len
-        if args.checkpoint:  # every whole window of the token file: (N, T) inputs and their next tokens
-            ids = torch.from_numpy(np.fromfile(args.tokens, dtype=np.uint16).astype(np.int64))
-            if len(ids) <= T:
-                raise ValueError(f"{args.tokens} holds {len(ids)} tokens, fewer than one window of {T + 1}")
-        else:
-            ids = torch.randint(0, model.config.vocab_size, (4 * T + 1,))
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e} (make the token files with python 01_tokenizer/prepare.py, or pass --tokens)")
+        sys.exit(f"error: {e}")
+    T = model.config.max_seq_len
+    if args.checkpoint:  # every whole window of the token file: (N, T) inputs and their next tokens
+        if not Path(args.tokens).is_file():
+            sys.exit(f"error: no token file at {args.tokens}: make it with python 01_tokenizer/prepare.py, or pass --tokens")
+        ids = torch.from_numpy(np.fromfile(args.tokens, dtype=np.uint16).astype(np.int64))
+        if len(ids) <= T:
+            sys.exit(f"error: {args.tokens} holds {len(ids)} tokens, fewer than one window of {T + 1}; pass a larger --tokens")
+    else:
+        ids = torch.randint(0, model.config.vocab_size, (4 * T + 1,))
     n = (len(ids) - 1) // T * T
     x, y = ids[:n].view(-1, T), ids[1 : n + 1].view(-1, T)  # (N, T)
+    prompt = x[0, :16].tolist()
     model.eval()
     fp32_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # the tied matrix once
     with torch.no_grad():
-        ref, ref_loss = model(x, y)
-        ref_speed, ref_tokens = decode_speed(model, x[0, :16].tolist()), model.generate([x[0, :16].tolist()], 64, stop_id=None)[0]
+        try:
+            ref, ref_loss = model(x, y)
+        except ValueError as e:  # token ids beyond the model's vocabulary
+            sys.exit(f"error: {args.tokens}: {e}")
+        ref_tokens, ref_speed = decode(model, prompt)
         quantize_int8(model)
         out, loss = model(x, y)
     int8_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    tokens = model.generate([x[0, :16].tolist()], 64, stop_id=None)[0]
-    same = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), len(tokens))
+    tokens, speed = decode(model, prompt)
     print(f"weights: {fp32_bytes / 1e6:.1f} MB float32 -> {int8_bytes / 1e6:.1f} MB (int8 matrices and their scales, "
           "the float32 embedding for lookups)")
     print(f"over {x.numel():,} {'tokens of ' + args.tokens if args.checkpoint else 'random tokens'}: logits off by "
           f"{((out - ref).norm() / ref.norm()).item():.2%} (relative), loss {ref_loss.item():.4f} float32 -> {loss.item():.4f} int8")
-    print(f"greedy, 64 tokens from a 16-token prompt: the first {same} equal float32's")
-    print(f"eager decoding at batch 1: {ref_speed:.0f} -> {decode_speed(model, x[0, :16].tolist()):.0f} tokens/s "
+    print(f"greedy, {len(tokens)} tokens from a 16-token prompt: the first {equal_prefix(tokens, ref_tokens)} equal float32's")
+    print(f"eager decoding at batch 1: {ref_speed:.0f} -> {speed:.0f} tokens/s "
           "(06_model/bench.py compares compiled steps with transformers)")
 
 

@@ -360,7 +360,7 @@ def test_int8_linear_is_the_dequantized_matmul(in_features, out_features, rows, 
 
 
 @pytest.mark.parametrize("d_model", [32, 20])  # in_features a multiple of 8 (aten's kernel) or not (the formula)
-def test_int8_model_decodes_like_the_float_model(d_model):
+def test_int8_model_decodes_like_the_float_model(d_model, tmp_path):
     model = tiny_model(d_model=d_model, q_heads=2, kv_heads=1)
     tokens = torch.randint(0, 96, (2, 24))
     with torch.no_grad():
@@ -375,7 +375,8 @@ def test_int8_model_decodes_like_the_float_model(d_model):
     # the cache of the int8 model agrees with recomputing the int8 model over the whole sequence
     assert model.generate([[5, 6, 7]], 10, stop_id=None)[0] == naive_greedy(model, [5, 6, 7], 10)
     with pytest.raises(ValueError, match="quantize after load_model"):
-        lillm.save_model(model, "never-written.safetensors")
+        lillm.save_model(model, tmp_path / "never-written.safetensors")
+    assert not list(tmp_path.iterdir())
 
 
 def test_compiled_int8_decoding_equals_eager():
