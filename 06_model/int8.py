@@ -16,7 +16,7 @@ gradients and save_model refuses it (quantize after loading instead; it takes ab
 
 On CPU the product is aten's `_weight_int8pack_mm` kernel with bfloat16 activations (its float32 path is
 not vectorized and runs ~10x slower); it returns wrong numbers, or crashes, when in_features is not a
-multiple of 8, so other sizes, and other devices, take the plain formula above. Left out: int4, activation quantization
+multiple of 16 (8 on CPUs without AVX-512), so other sizes, and other devices, take the plain formula above. Left out: int4, activation quantization
 (int8 x int8 needs VNNI units this CPU lacks), calibration (absmax per row is enough at 8 bits).
 
 Demo: python 06_model/int8.py                                  # the default config, random tokens
@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one imp
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 lillm = import_module("06_model.model")
+# aten's kernel walks rows in blocks: 16 weights wide with AVX-512, where 8 segfaults (torch 2.13), 8 without.
+KERNEL_MULTIPLE = 16
 
 
 class Int8Linear(nn.Module):
@@ -56,7 +58,7 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = w.shape[1], w.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out), in x's dtype
-        if x.is_cpu and self.in_features % 8 == 0:
+        if x.is_cpu and self.in_features % KERNEL_MULTIPLE == 0:
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (N, in) the kernel's fast input dtype
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale)  # (N, out)
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)

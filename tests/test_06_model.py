@@ -353,13 +353,13 @@ def test_int8_linear_is_the_dequantized_matmul(in_features, out_features, rows, 
     assert torch.all((w - wq.float() * s[:, None]).abs() <= s[:, None] * (0.5 + 1e-6)), "not rounded to nearest"
     x = torch.randn(rows, 5, in_features)
     expected = F.linear(x, wq.float()) * s  # (rows, 5, out) the formula, in float32
-    if in_features % 8:  # the formula itself
+    if in_features % int8.KERNEL_MULTIPLE:  # the formula itself
         assert_close(q(x), expected)
     else:  # aten's int8 kernel: bf16 activations and scales, an fp32 sum, a bf16 result
         assert_close(q(x), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
 
 
-@pytest.mark.parametrize("d_model", [32, 20])  # in_features a multiple of 8 (aten's kernel) or not (the formula)
+@pytest.mark.parametrize("d_model", [32, 20])  # in_features a multiple of 16 (aten's kernel) or not (the formula)
 def test_int8_model_decodes_like_the_float_model(d_model, tmp_path):
     model = tiny_model(d_model=d_model, q_heads=2, kv_heads=1)
     tokens = torch.randint(0, 96, (2, 24))
