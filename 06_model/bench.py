@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
 lillm = import_module("06_model.model")
 hf = import_module("06_model.hf")
 int8 = import_module("06_model.int8")
+generate = import_module("06_model.generate")
 
 MODES = ["fp32", "bf16", "fp32+compile", "bf16+compile"]
 GEN_MODES = ["eager", "compile", "int8", "int8+compile"]
@@ -123,7 +124,7 @@ def bench_generate(model, args):
             net = quantized if mode.startswith("int8") else model
 
             def ours():
-                return net.generate(prompts.tolist(), N, stop_id=None, compile=mode.endswith("compile"))
+                return generate.generate(net, prompts.tolist(), N, stop_id=None, compile=mode.endswith("compile"))
 
             # warm-up (and compilation) and the correctness check
             same = min(int8.equal_prefix(a, b) for a, b in zip(ours(), theirs()[:, P:].tolist()))

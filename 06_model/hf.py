@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one imp
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 lillm = import_module("06_model.model")
+weights = import_module("06_model.weights")
 ffn_hidden_dim = import_module("04_swiglu.swiglu").ffn_hidden_dim
 
 SPECIAL = {"unk_token": ("<unk>", 0), "bos_token": ("<s>", 1), "eos_token": ("</s>", 2)}  # lesson 01's ids
@@ -98,7 +99,7 @@ def hf_state_dict(model, dtype: torch.dtype = torch.float32) -> dict:
     """LlamaForCausalLM's state_dict for `model`, without lm_head.weight (tied to embed_tokens)."""
     cfg, state = model.config, {}
     for name, w in model.state_dict().items():
-        if name == lillm.TIED:
+        if name == weights.TIED:
             continue
         if name.endswith(("attention.wq.weight", "attention.wk.weight")):
             w = interleaved_to_halves(w, cfg.q_heads if ".wq." in name else cfg.kv_heads)
@@ -118,7 +119,7 @@ def export_hf(model, tokenizer_path, out_dir, dtype: torch.dtype = torch.float32
         if added.get(token) != i:
             raise ValueError(f"{tokenizer_path}: special token {token} must have id {i}, has {added.get(token)}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    lillm.write_safetensors(hf_state_dict(model, dtype), out_dir / "model.safetensors", {"format": "pt"})
+    weights.write_safetensors(hf_state_dict(model, dtype), out_dir / "model.safetensors", {"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2))
     (out_dir / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}, indent=2))
@@ -177,7 +178,7 @@ def import_hf(hf_dir, device="cpu"):
         if key.endswith(("attention.wq.weight", "attention.wk.weight")):
             w = halves_to_interleaved(w, config.q_heads if ".wq." in key else config.kv_heads)
         state[key] = w.float()
-    return lillm.build_from_state(config, state, device, str(hf_dir))
+    return weights.build_from_state(config, state, device, str(hf_dir))
 
 
 def main(argv=None):
@@ -194,12 +195,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
-            model = lillm.load_model(args.checkpoint)
+            model = weights.load_model(args.checkpoint)
             out = export_hf(model, args.tokenizer, args.out, getattr(torch, args.dtype))
             print(f"wrote {out}: transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) loads it")
         else:
             model = import_hf(args.hf_dir)
-            lillm.save_model(model, args.out)
+            weights.save_model(model, args.out)
             print(f"wrote {args.out} ({model.num_params():,} parameters): python 06_model/generate.py --checkpoint {args.out}")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")

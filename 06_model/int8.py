@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one imp
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 lillm = import_module("06_model.model")
+weights = import_module("06_model.weights")
+generate = import_module("06_model.generate")
 # aten's kernel walks rows in blocks: 16 weights wide with AVX-512, where 8 segfaults (torch 2.13), 8 without.
 KERNEL_MULTIPLE = 16
 
@@ -87,9 +89,9 @@ def equal_prefix(a: list[int], b: list[int]) -> int:
 
 def decode(model, prompt: list[int], n: int = 64) -> tuple[list[int], float]:
     """n greedy tokens after `prompt` at batch 1, eager, and their tokens/s (timed on a second, warm run)."""
-    tokens = model.generate([prompt], n, stop_id=None)[0]
+    tokens = generate.generate(model, [prompt], n, stop_id=None)[0]
     t = time.perf_counter()
-    model.generate([prompt], n, stop_id=None)
+    generate.generate(model, [prompt], n, stop_id=None)
     return tokens, n / (time.perf_counter() - t)
 
 
@@ -101,7 +103,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     try:
-        model = lillm.load_model(args.checkpoint) if args.checkpoint else lillm.LilLM(lillm.ModelConfig())
+        model = weights.load_model(args.checkpoint) if args.checkpoint else lillm.LilLM(lillm.ModelConfig())
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     T = model.config.max_seq_len
@@ -111,6 +113,9 @@ def main(argv=None):
         ids = torch.from_numpy(np.fromfile(args.tokens, dtype=np.uint16).astype(np.int64))
         if len(ids) <= T:
             sys.exit(f"error: {args.tokens} holds {len(ids)} tokens, fewer than one window of {T + 1}; pass a larger --tokens")
+        if ids.max() >= model.config.vocab_size:
+            sys.exit(f"error: {args.tokens} holds token id {ids.max()}, beyond the model's vocab_size {model.config.vocab_size}; "
+                     "pass the token file of this model's tokenizer")
     else:
         ids = torch.randint(0, model.config.vocab_size, (4 * T + 1,))
     n = (len(ids) - 1) // T * T
@@ -119,10 +124,7 @@ def main(argv=None):
     model.eval()
     fp32_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # the tied matrix once
     with torch.no_grad():
-        try:
-            ref, ref_loss = model(x, y)
-        except ValueError as e:  # token ids beyond the model's vocabulary
-            sys.exit(f"error: {args.tokens}: {e}")
+        ref, ref_loss = model(x, y)
         ref_tokens, ref_speed = decode(model, prompt)
         quantize_int8(model)
         out, loss = model(x, y)
