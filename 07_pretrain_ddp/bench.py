@@ -20,32 +20,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import timeit
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ["--data_dir", "data/shakespeare", "--tokenizer", "data/tokenizer.json", "--corpus", "shakespeare"]
-GPU_PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10G": 70, "L4": 121, "4090": 165}  # dense bf16
 CONFIGS = {  # name: (flags, global batch in windows)
     "cpu preset (3.2M, T=256)": (["--preset", "cpu"], 8),
     "seed model (39.6M, T=512)": (["--preset", "full", "--no-compile", "--dtype", "float32",
                                    "--global_batch_tokens", "0", "--grad_accum", "1"], 4),
 }
-
-
-def peak_flops(device: torch.device, dtype: str, given_tflops: float) -> float:
-    """FLOP/s one process's device can do at best, the denominator of MFU (0: unknown)."""
-    if given_tflops:
-        return given_tflops * 1e12
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        tflops = next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), 0)
-        return tflops * 1e12 * (1.0 if dtype == "bfloat16" else 0.5)  # float32 matmuls run as TF32: half rate
-    # A CPU has no spec sheet to read, so time this process's threads on a large float32 matmul.
-    a = torch.ones(1024, 1024)  # not randn: drawing from the RNG here would shift a resumed run's dropout masks
-    return 2 * 1024**3 / min(timeit.repeat(lambda: a @ a, number=1, repeat=4))
 
 
 def run(flags: list[str], procs: int, windows: int, steps: int) -> dict:

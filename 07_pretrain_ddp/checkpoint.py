@@ -13,6 +13,10 @@ under ckpt_latest or, between the two renames, under ckpt_latest.old, which `fin
 Nothing here is pickled but plain Python values (weights_only=True refuses anything else), so a
 checkpoint cannot run code when loaded and never names a class whose module path starts with a digit.
 
+For a training run, save_run gathers every rank's RNG state and writes ckpt_latest (and ckpt_best, as
+hard links to the same files: written once), and restore/check_resume put a resumed run back exactly
+where it stopped, refusing a checkpoint that does not belong to the data or config it is resumed with.
+
 StopOnSignal turns SIGTERM (a preempted job) and SIGINT (Ctrl-C) into a flag that the training loop
 reads at a step boundary, so that a stopped run saves a consistent checkpoint instead of dying mid-step.
 Left out on purpose: sharded (per-rank) checkpoints, which FSDP-sized models need; async saving.
@@ -30,10 +34,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+weights = import_module("06_model.weights")
 lillm = import_module("06_model.model")
 
 MODEL_FILE, STATE_FILE = "model.safetensors", "train_state.pt"
@@ -71,19 +77,27 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save(ckpt_dir, model, train_state: dict, write_weights=None) -> None:
+def save(ckpt_dir, model, train_state: dict, write_weights=None, like=None) -> None:
     """Write `model` (unwrapped: no DDP "module." prefix) and `train_state` as ckpt_dir, atomically.
     write_weights(directory), if given, writes the weight file(s) instead of model.safetensors
-    (lesson 08 writes LoRA adapters only)."""
+    (lesson 08 writes LoRA adapters only). like: a complete checkpoint directory whose files are
+    hard-linked instead (ckpt_best from the ckpt_latest just written: nothing serialized twice)."""
     final = Path(ckpt_dir)
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)  # a save that died half-way
     tmp.mkdir(parents=True)
-    if write_weights is None:
-        lillm.save_model(model, tmp / MODEL_FILE)
+    if like is not None:  # every save writes new files and never edits one in place, so sharing them is safe
+        for f in Path(like).iterdir():
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:  # a filesystem without hard links
+                shutil.copy2(f, tmp / f.name)
+    elif write_weights is None:
+        weights.save_model(model, tmp / MODEL_FILE)
     else:
         write_weights(tmp)
-    torch.save(train_state, tmp / STATE_FILE)
+    if like is None:
+        torch.save(train_state, tmp / STATE_FILE)
     for path in (*sorted(tmp.iterdir()), tmp):
         _fsync(path)
     if old.exists():  # a swap died after its first rename: old is the only complete copy, so restore it first
@@ -134,14 +148,48 @@ def load_model(ckpt_dir, device="cpu"):
     """The checkpoint's LilLM (float32, on device); CheckpointError if missing or unreadable."""
     path = _checked(ckpt_dir)
     try:
-        return lillm.load_model(path / MODEL_FILE, device)
+        return weights.load_model(path / MODEL_FILE, device)
     except Exception as e:
         raise _corrupt(path / MODEL_FILE, e) from None
 
 
+def save_run(out_dir: Path, model, train_state: dict, run, best: bool, write_weights=None) -> None:
+    """Every rank's RNG gathered into train_state["rng"], then rank 0 writes ckpt_latest (and ckpt_best)."""
+    rngs = [None] * run.world
+    if run.ddp:
+        dist.all_gather_object(rngs, rng_state())  # each rank's RNG, for an exact resume
+    else:
+        rngs = [rng_state()]
+    if run.master:
+        save(out_dir / "ckpt_latest", model, dict(train_state, rng=rngs), write_weights)
+        if best:
+            save(out_dir / "ckpt_best", None, {}, like=out_dir / "ckpt_latest")
+
+
+def check_resume(state: dict, model_config, saved_config, tokenizer_sha256: str, where: str) -> None:
+    """A resumed run must continue the same model on tokens of the same tokenizer."""
+    if saved_config.vocab_size != model_config.vocab_size:
+        raise CheckpointError(f"the checkpoint's model has vocab_size {saved_config.vocab_size}, "
+                              f"the token files in {where} vocab_size {model_config.vocab_size}")
+    if state["tokenizer_sha256"] != tokenizer_sha256:
+        raise CheckpointError(f"the checkpoint was trained on tokens of tokenizer {state['tokenizer_sha256'][:12]}, "
+                              f"the token files in {where} come from tokenizer {tokenizer_sha256[:12]}")
+    if saved_config != model_config:
+        raise CheckpointError(f"the checkpoint's model.safetensors ({saved_config}) does not match its train_state.pt ({model_config})")
+
+
+def restore(state: dict, optimizer, run) -> tuple:
+    """(step, best validation loss, data position) of a resumed run, its optimizer and this rank's RNG restored."""
+    optimizer.load_state_dict(state["optimizer"])
+    if len(state["rng"]) == run.world:
+        set_rng_state(state["rng"][run.rank])  # with another world size, dropout masks start afresh
+    return state["step"], state["best_val_loss"], state["data_position"]
+
+
 class StopOnSignal:
     """SIGTERM (preemption) and SIGINT (Ctrl-C) set .received instead of killing the process; the training
-    loop checks it at a step boundary, saves and exits. A second Ctrl-C kills at once."""
+    loop checks it at its next log step, saves and exits. A second Ctrl-C kills at once (a person who means
+    it); a second SIGTERM does not (Slurm and torchrun both forward one, and the checkpoint comes first)."""
 
     def __enter__(self):
         self.received = []
@@ -150,7 +198,8 @@ class StopOnSignal:
 
     def handle(self, signum, frame):
         self.received.append(signal.Signals(signum).name)
-        signal.signal(signum, signal.SIG_DFL)
+        if signum == signal.SIGINT:
+            signal.signal(signum, signal.SIG_DFL)
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():

@@ -13,16 +13,32 @@ window from each), and the whole state is one integer: how many windows of the s
 consumed. That integer goes into the
 checkpoint; it does not depend on B or W, so a run may resume with another batch size or world size.
 
+Also here, the process setup every trainer starts with: `distributed` reads torchrun's environment
+(RANK, LOCAL_RANK, WORLD_SIZE) and joins the process group, and `load_data` builds the token files
+with lesson 01 when they are missing, once per node, while the other ranks wait.
+
 Left out on purpose: document masking (a window can span two documents joined by </s>, as in GPT
 pretraining), random window offsets per epoch, sharded files.
 
 Demo: python 07_pretrain_ddp/data.py
 """
 
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+prepare = import_module("01_tokenizer.prepare")
+tokenizer = import_module("01_tokenizer.tokenizer")
 
 
 def epoch_order(n_windows: int, seed: int, epoch: int) -> np.ndarray:
@@ -56,15 +72,18 @@ class WindowStream:
 class TokenWindows:
     """A uint16 token file through np.memmap: only the windows asked for are read from disk."""
 
-    def __init__(self, path, n_tokens: int, seq_len: int):
+    def __init__(self, path, n_tokens: int, seq_len: int, vocab_size: int):
         self.tokens = np.memmap(Path(path), dtype=np.uint16, mode="r", shape=(n_tokens,))
-        self.seq_len = seq_len
+        self.path, self.seq_len, self.vocab_size = Path(path), seq_len, vocab_size
         self.n_windows = (n_tokens - 1) // seq_len
 
     def batch(self, ids: np.ndarray, device: torch.device):
         """Window ids (B,) -> inputs, targets (B, T) int64 on device."""
         T = self.seq_len
         rows = np.stack([self.tokens[i * T : i * T + T + 1] for i in ids]).astype(np.int64)  # (B, T + 1)
+        if rows.max() >= self.vocab_size:  # checked here, on the host: in the model it would stall a GPU each step
+            raise prepare.DataError(f"{self.path} holds token id {rows.max()}, beyond vocab_size {self.vocab_size}: "
+                                    "a corrupt file or another tokenizer's; rebuild it with 01_tokenizer/prepare.py")
         xy = torch.from_numpy(rows)
         if device.type == "cuda":  # pinned memory lets the copy overlap with the GPU's work
             xy = xy.pin_memory().to(device, non_blocking=True)
@@ -82,6 +101,76 @@ class RankSampler:
         ids = self.stream.take(self.position + self.rank * self.B, self.B)
         self.position += self.B * self.W
         return ids
+
+
+@dataclass
+class Run:
+    """Where this process stands: torchrun's RANK / LOCAL_RANK / WORLD_SIZE, or one process alone."""
+    ddp: bool
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def master(self) -> bool:  # rank 0 alone prints, logs and writes files
+        return self.rank == 0
+
+
+@contextmanager
+def distributed(device_flag: str):
+    """The Run of this process; under torchrun, inside a process group that is destroyed on the way out."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    if device_flag == "cuda" and not torch.cuda.is_available():
+        raise prepare.DataError("--device cuda, but torch sees no GPU (a CPU build of torch, or no driver)")
+    use_cuda = device_flag != "cpu" and torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if ddp:
+        if use_cuda:
+            torch.cuda.set_device(device)
+        # NCCL moves GPU tensors over NVLink/InfiniBand; Gloo moves CPU tensors over TCP.
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    try:
+        yield Run(ddp, rank, local_rank, world, device)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def eval_batches(val: TokenWindows, eval_tokens: int, batch_size: int, run: Run) -> list:
+    """This rank's validation batches, loaded once: the same windows at every evaluation, whatever the batch
+    size and world size, evenly spread over val.bin (not its first documents only), dealt to the ranks like cards."""
+    n_eval = max(1, min(val.n_windows, eval_tokens // val.seq_len))
+    ids = np.linspace(0, val.n_windows - 1, n_eval).round().astype(np.int64)[run.rank :: run.world]
+    return [val.batch(ids[i : i + batch_size], run.device) for i in range(0, len(ids), batch_size)]
+
+
+def build_then_barrier(build, builder: bool, run: Run) -> None:
+    """Run build() on the builder rank while the others wait at a barrier. Its DataError is raised after the
+    barrier, so the other ranks are not left waiting for a rank that died."""
+    error = None
+    if builder:
+        try:
+            build()
+        except prepare.DataError as e:
+            error = e
+    if run.ddp:
+        dist.barrier()
+    if error:
+        raise error
+
+
+def load_data(cfg: dict, run: Run) -> dict:
+    """Lesson 01's meta dict; its token files are built first (once per node) when missing."""
+    builder = run.local_rank == 0 and not (Path(cfg["data_dir"]) / "meta.json").exists()
+    if builder:
+        print(f"no token files in {cfg['data_dir']}: building them with lesson 01 from corpus {cfg['corpus']!r}")
+    build_then_barrier(lambda: prepare.ensure_data(cfg["data_dir"], cfg["tokenizer"], cfg["corpus"]), builder, run)
+    meta = prepare.load_meta(cfg["data_dir"])
+    tokenizer.load_tokenizer(cfg["tokenizer"])  # a one-line DataError if it is missing or unreadable
+    prepare.check_tokenizer(meta, cfg["tokenizer"], cfg["data_dir"])
+    return meta
 
 
 if __name__ == "__main__":

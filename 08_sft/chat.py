@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-lillm = import_module("06_model.model")
+weights = import_module("06_model.weights")
 generate = import_module("06_model.generate")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
 DataError = import_module("01_tokenizer.corpus").DataError
@@ -42,7 +42,7 @@ def load_chat_model(path, base=None, device="cpu"):
     path = Path(path)
     if (path / lora.ADAPTER_FILE).is_file() or path.name == lora.ADAPTER_FILE:
         return lora.load_lora_model(path, base, device)
-    return lillm.load_model(path, device)
+    return weights.load_model(path, device)
 
 
 def fit_window(fmt, messages: list, max_len: int) -> tuple:

@@ -17,7 +17,7 @@ and the padding is masked like the user turns.
 Left out on purpose: document masking inside packed rows (a conversation can attend to the ones packed
 before it, as documents do in 07's windows; each starts with <s>), dataset mixing weights, dedup.
 
-Demo: python 08_sft/data.py   (packs the offline instruction set with lesson 01's tokenizer)
+Demo: python 08_sft/chat_data.py   (packs the offline instruction set with lesson 01's tokenizer)
 """
 
 import json
@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one imp
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 corpus = import_module("01_tokenizer.corpus")
+prepare = import_module("01_tokenizer.prepare")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
 template = import_module("08_sft.template")
 instructions = import_module("08_sft.instructions")
@@ -92,6 +93,26 @@ def default_data(data_dir: str) -> tuple:
     if not (train.is_file() and val.is_file()):
         counts = instructions.build(out_dir=data_dir)
         print(f"built the offline instruction set: {counts['train']:,} train / {counts['val']:,} val conversations in {data_dir}")
+    return train, val
+
+
+def train_val_conversations(data, val_data, hf_dataset, hf_split, hf_limit, data_dir, val_fraction) -> tuple:
+    """(train, val) conversation lists from --data JSONL files, a hub dataset, or the offline set in data_dir."""
+    if hf_dataset:
+        convs = hub_conversations(hf_dataset, hf_split, hf_limit or None)
+    elif data:
+        convs = [c for path in data for c in read_jsonl(path)]
+    else:
+        train_path, val_path = default_data(data_dir)
+        return read_jsonl(train_path), read_jsonl(val_path)
+    if val_data:
+        return convs, [c for path in val_data for c in read_jsonl(path)]
+    # Held out by lesson 01's rule on the conversation's own text: the same split on every run and rank.
+    is_val = [prepare.is_val(json.dumps(c, sort_keys=True), val_fraction) for c in convs]
+    train, val = [c for c, v in zip(convs, is_val) if not v], [c for c, v in zip(convs, is_val) if v]
+    if not train or not val:
+        raise DataError(f"{len(convs)} conversations give {len(train)} train and {len(val)} val; "
+                        "fix: more conversations, another --val_fraction, or --val_data")
     return train, val
 
 

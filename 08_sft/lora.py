@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one imp
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 lillm = import_module("06_model.model")
+weights = import_module("06_model.weights")
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # the linear layers of a block (05's attention, 04's FFN)
 ADAPTER_FILE = "adapter.safetensors"
@@ -108,7 +109,7 @@ def base_fingerprint(model: nn.Module) -> str:
     """A hash of the base weights (every non-adapter tensor), so adapters are never loaded onto another base."""
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
-        if ".lora_" not in k and k != lillm.TIED:
+        if ".lora_" not in k and k != weights.TIED:
             h.update(k.encode())
             h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -121,8 +122,8 @@ def save_adapters(model: nn.Module, path, base: str) -> None:
     first = next(iter(mods.values()))
     meta = {"rank": first.rank, "alpha": first.alpha, "targets": sorted({n.rsplit(".", 1)[1] for n in mods}),
             "base": str(base), "base_fingerprint": base_fingerprint(model)}
-    lillm.write_safetensors({k: v.detach().contiguous() for k, v in adapter_state(model).items()}, path,
-                            {"lillm_lora": json.dumps(meta)})
+    weights.write_safetensors({k: v.detach().contiguous() for k, v in adapter_state(model).items()}, path,
+                              {"lillm_lora": json.dumps(meta)})
 
 
 def read_adapters(path) -> tuple:
@@ -155,7 +156,7 @@ def load_adapters(model: nn.Module, path) -> nn.Module:
 def load_lora_model(path, base=None, device="cpu") -> nn.Module:
     """The base model (from `base`, else the path recorded at training) with the adapters at `path` merged in."""
     meta, _ = read_adapters(path)
-    model = lillm.load_model(base or meta["base"], device)
+    model = weights.load_model(base or meta["base"], device)
     return merge_lora(load_adapters(model, path))
 
 

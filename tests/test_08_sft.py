@@ -20,13 +20,15 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 lillm = import_module("06_model.model")
+weights = import_module("06_model.weights")
+generate = import_module("06_model.generate")
 hf = import_module("06_model.hf")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
 DataError = import_module("01_tokenizer.corpus").DataError
 template = import_module("08_sft.template")
 lora = import_module("08_sft.lora")
 instructions = import_module("08_sft.instructions")
-data = import_module("08_sft.data")
+chat_data = import_module("08_sft.chat_data")
 sft = import_module("08_sft.sft")
 chat = import_module("08_sft.chat")
 
@@ -207,7 +209,7 @@ def test_speeches_parse_speakers_and_drop_stage_directions():
     convs = instructions.conversations(scene, random.Random(0))
     assert len(convs) == 2  # one-line speeches have nothing to continue
     for conv in convs:
-        data.check_conversation(conv["messages"], "generated")
+        chat_data.check_conversation(conv["messages"], "generated")
         assert conv["messages"][-1]["role"] == "assistant"
 
 
@@ -225,7 +227,7 @@ def test_bad_jsonl_is_a_one_line_error_naming_file_and_line(tmp_path, line, prob
     good = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
     path.write_text(good + "\n\n" + line + "\n")
     with pytest.raises(DataError, match=problem) as e:
-        data.read_jsonl(path)
+        chat_data.read_jsonl(path)
     assert str(e.value).startswith(f"{path}:3") and "\n" not in str(e.value)
 
 
@@ -234,20 +236,20 @@ def test_hub_path_reads_the_messages_column(tmp_path):
     path = tmp_path / "chats.jsonl"
     convs = [c["messages"] for c in instructions.conversations(play(20, 0), random.Random(0))]
     path.write_text("".join(json.dumps({"messages": m, "id": i}) + "\n" for i, m in enumerate(convs)))
-    assert data.hub_conversations("json", data_files=str(path)) == data.read_jsonl(path) == convs
+    assert chat_data.hub_conversations("json", data_files=str(path)) == chat_data.read_jsonl(path) == convs
 
 
 def test_truncation_keeps_whole_turns_and_counts(fmt):
     turns = fmt.encode_turns(CHAT)  # system, user, assistant, user, assistant
     full = 1 + sum(len(ids) for ids, _ in turns)
     first_answer_ends = 1 + sum(len(ids) for ids, _ in turns[:3])
-    ids, mask = data.fit_turns(turns, fmt.bos_id, full - 1)  # one token short: the last exchange goes, whole
+    ids, mask = chat_data.fit_turns(turns, fmt.bos_id, full - 1)  # one token short: the last exchange goes, whole
     assert ids == fmt.encode(CHAT[:3])[0] and mask == fmt.encode(CHAT[:3])[1]
-    assert data.fit_turns(turns, fmt.bos_id, first_answer_ends - 1) is None  # not even one answer fits
-    assert data.fit_turns(turns, fmt.bos_id, full)[0] == fmt.encode(CHAT)[0]
-    _, counts = data.encode_all(fmt, [CHAT, CHAT[:3], CHAT[1:3]], max_len=full - 1)
+    assert chat_data.fit_turns(turns, fmt.bos_id, first_answer_ends - 1) is None  # not even one answer fits
+    assert chat_data.fit_turns(turns, fmt.bos_id, full)[0] == fmt.encode(CHAT)[0]
+    _, counts = chat_data.encode_all(fmt, [CHAT, CHAT[:3], CHAT[1:3]], max_len=full - 1)
     assert counts == {"kept": 2, "truncated": 1, "dropped": 0}
-    _, counts = data.encode_all(fmt, [CHAT, CHAT[:3]], max_len=first_answer_ends - 1)
+    _, counts = chat_data.encode_all(fmt, [CHAT, CHAT[:3]], max_len=first_answer_ends - 1)
     assert counts == {"kept": 0, "truncated": 0, "dropped": 2}
 
 
@@ -255,16 +257,16 @@ def test_truncation_keeps_whole_turns_and_counts(fmt):
 def test_packing_keeps_examples_whole_and_rows_within_max_len(lengths, max_len, seed):
     rng = random.Random(seed)
     examples = [([rng.randrange(3, 50) for _ in range(n)], [rng.random() < 0.5 for _ in range(n)]) for n in lengths]
-    rows = data.pack(examples, max_len)
+    rows = chat_data.pack(examples, max_len)
     assert all(len(ids) <= max_len for ids, _ in rows)
     assert [t for ids, _ in rows for t in ids] == [t for ids, _ in examples for t in ids]  # all, in order, none split
     assert sum(len(r) for r, _ in rows) == sum(lengths) and len(rows) <= len(examples)
-    x, y = data.collate(rows, pad_id=2)  # (B, T)
+    x, y = chat_data.collate(rows, pad_id=2)  # (B, T)
     for b, (ids, mask) in enumerate(rows):
         n = len(ids) - 1
         assert x[b, :n].tolist() == ids[:-1]
-        assert y[b, :n].tolist() == [t if m else data.IGNORE for t, m in zip(ids[1:], mask[1:])]
-        assert (y[b, n:] == data.IGNORE).all()  # padding never counts
+        assert y[b, :n].tolist() == [t if m else chat_data.IGNORE for t, m in zip(ids[1:], mask[1:])]
+        assert (y[b, n:] == chat_data.IGNORE).all()  # padding never counts
 
 
 # ---- an SFT run on the tiny offline set ------------------------------------------------------------------
@@ -275,7 +277,7 @@ def sft_setup(tmp_path_factory, tok_path):
     root = tmp_path_factory.mktemp("sft")
     shutil.copyfile(tok_path, root / "tokenizer.json")
     torch.manual_seed(0)
-    lillm.save_model(lillm.LilLM(tiny_config()), root / "base.safetensors")
+    weights.save_model(lillm.LilLM(tiny_config()), root / "base.safetensors")
     for name, seeds in (("train", range(10, 22)), ("val", range(2))):
         rng = random.Random(0)
         convs = [c for s in seeds for c in instructions.conversations(play(40, s), rng)]
@@ -373,7 +375,7 @@ def test_bad_data_is_a_one_line_error_from_the_command(sft_setup, tmp_path, caps
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "robot", "content": "beep"}]}\n')
     with pytest.raises(SystemExit) as e:
-        sft.cli(["--base", str(sft_setup / "base.safetensors"), "--tokenizer", str(sft_setup / "tokenizer.json"),
+        sft.main(["--base", str(sft_setup / "base.safetensors"), "--tokenizer", str(sft_setup / "tokenizer.json"),
                  "--out_dir", str(tmp_path / "out"), "--data", str(bad)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"error: {bad}:1: message 0: unknown role 'robot'") and err.count("\n") == 1
@@ -405,14 +407,14 @@ def test_window_drops_the_oldest_exchanges_and_keeps_the_system_message(fmt):
 def test_chat_is_multi_turn_and_streams_what_generate_gives(fmt, sft_setup):
     import io
 
-    model = lillm.load_model(sft_setup / "base.safetensors")
+    model = weights.load_model(sft_setup / "base.safetensors")
     out = io.StringIO()
     messages = chat.chat(model, fmt, ["Who says this?\\nThe king", "And how does it go on?"], out, max_new_tokens=12, temperature=0)
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
     assert messages[0]["content"] == "Who says this?\nThe king"  # \\n typed is a line break
     # Turn 2 was answered with turn 1 in its prompt: the same greedy answer as generate() on the whole history.
     prompt, _ = fmt.encode(messages[:3], add_generation_prompt=True)
-    expected = [t for t in model.generate([prompt], 12, stop_id=fmt.eot_id)[0] if t != fmt.eot_id]
+    expected = [t for t in generate.generate(model, [prompt], 12, stop_id=fmt.eot_id)[0] if t != fmt.eot_id]
     assert messages[3]["content"] == fmt.tokenizer.decode(expected)
     assert out.getvalue().splitlines()[1] == "assistant> " + messages[3]["content"]
 

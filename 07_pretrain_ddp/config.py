@@ -1,0 +1,196 @@
+"""The trainer's plumbing: presets, flags, and the one resolver every training stage shares.
+
+    flags given on the command line  >  the checkpoint's config (with --resume)  >  the preset / defaults
+
+A stage (pretraining here, SFT in lesson 08) declares its defaults and its flags; `start` turns the
+command line into a checked config, loads the train state to resume, and refuses to overwrite a run.
+`one_line_errors` turns every problem a user can fix into one line on stderr and exit code 2.
+
+Demo: python 07_pretrain_ddp/config.py --help
+"""
+
+import argparse
+import subprocess
+import sys
+from contextlib import contextmanager
+from importlib import import_module
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+corpus = import_module("01_tokenizer.corpus")
+checkpoint = import_module("07_pretrain_ddp.checkpoint")
+
+MODEL_FIELDS = ("d_model", "n_layers", "q_heads", "kv_heads", "max_seq_len", "multiple_of", "dropout")
+FULL = dict(  # the seed's recipe: the 39.6M model, 524,288 tokens per step, ~10B tokens of OpenWebText
+    corpus="openwebtext", data_dir="data/openwebtext", tokenizer="data/openwebtext/tokenizer.json", out_dir="out",
+    d_model=512, n_layers=12, q_heads=16, kv_heads=8, max_seq_len=512, multiple_of=128, dropout=0.0,
+    batch_size=32, grad_accum=1, global_batch_tokens=524288, max_steps=20000,
+    lr=6e-4, min_lr=6e-5, warmup_steps=715,  # warmup: GPT-3's 375M tokens
+    weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_tokens=2**20, log_interval=10,
+    seed=1337, device="auto", dtype="auto", compile=True, peak_tflops=0.0,
+    wandb=False, wandb_project="lillm", sample_tokens=200, prompt="", stop_at=0, resume=False,
+)
+PRESETS = {
+    "cpu": dict(FULL, corpus="shakespeare", data_dir="data/shakespeare", tokenizer="data/tokenizer.json",
+                d_model=192, n_layers=4, q_heads=6, kv_heads=3, max_seq_len=256, multiple_of=64,
+                batch_size=8, global_batch_tokens=0, max_steps=900, lr=2e-3, min_lr=2e-4, warmup_steps=30,
+                eval_interval=150, eval_tokens=2**15, compile=False),
+    "full": FULL,
+}
+PER_INVOCATION = ("resume", "stop_at")  # belong to one command, not to the run: never taken from a checkpoint
+
+
+class TrainError(Exception):
+    """Bad input that the user can fix: printed as one line, `error: ...`."""
+
+
+def make_parser(description: str, defaults: dict):
+    """(parser, flag): every flag's help shows its default in each preset; unset flags stay absent."""
+    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--resume", action="store_true", help="continue OUT_DIR/ckpt_latest with its saved config; flags given override it")
+
+    def flag(name, help, **kw):
+        values = {str(v[name]) for v in defaults.values()}
+        shown = f"default {values.pop()}" if len(values) == 1 else ", ".join(f"{k}: {v[name]}" for k, v in defaults.items())
+        parser.add_argument(f"--{name}", help=f"{help} [{shown}]", **kw)
+
+    return parser, flag
+
+
+def add_training_flags(flag) -> None:
+    """The flags of the shared loop (train.fit), the same in every stage."""
+    flag("out_dir", "checkpoints (ckpt_latest/, ckpt_best/), config.json, metrics.jsonl, loss.png")
+    flag("batch_size", "micro-batch: rows per process per forward pass", type=int)
+    flag("grad_accum", "micro-steps per optimizer step", type=int)
+    flag("max_steps", "optimizer steps; the learning rate reaches min_lr at the last one", type=int)
+    flag("lr", "peak learning rate", type=float)
+    flag("min_lr", "final learning rate (cosine decay ends here at max_steps)", type=float)
+    flag("warmup_steps", "linear warmup steps", type=int)
+    flag("weight_decay", "AdamW weight decay, on weight matrices only", type=float)
+    flag("grad_clip", "clip the gradient's global norm to this; 0: no clipping", type=float)
+    flag("eval_interval", "evaluate (all ranks) and checkpoint every this many steps", type=int)
+    flag("log_interval", "print progress, write metrics.jsonl and act on stop signals every this many steps", type=int)
+    flag("seed", "seed for the initialization, the data order and dropout", type=int)
+    flag("device", "auto: cuda:LOCAL_RANK if there is a GPU, else cpu", choices=["auto", "cpu", "cuda"])
+    flag("dtype", "auto: bfloat16 autocast on GPU, float32 on CPU", choices=["auto", "float32", "bfloat16"])
+    flag("stop_at", "save and exit at this step as on SIGTERM, the schedule still ending at max_steps (job slots); 0: off", type=int)
+
+
+def parse_args(argv=None) -> dict:
+    """Pretraining's flags; only those given on the command line end up in the dict."""
+    parser, flag = make_parser("Pretrain LilLM with DistributedDataParallel (python or torchrun).", PRESETS)
+    parser.add_argument("--preset", choices=PRESETS, help="defaults for every flag below [full on a GPU, else cpu]")
+    flag("corpus", "corpus for lesson 01 to tokenize when DATA_DIR has no token files")
+    flag("data_dir", "directory with train.bin, val.bin, meta.json (built by lesson 01 if missing)")
+    flag("tokenizer", "tokenizer.json the token files were made with (checked by sha256)")
+    for name, kind, what in [("d_model", int, "model width"), ("n_layers", int, "transformer blocks"),
+                             ("q_heads", int, "query heads"), ("kv_heads", int, "key/value heads (GQA)"),
+                             ("max_seq_len", int, "tokens per training window = the model's context"),
+                             ("multiple_of", int, "SwiGLU hidden size is rounded up to this"), ("dropout", float, "dropout rate")]:
+        flag(name, f"model: {what}", type=kind)
+    add_training_flags(flag)
+    flag("global_batch_tokens", "tokens per optimizer step; grad_accum = this / (batch_size x max_seq_len x world_size); "
+         "0: use --grad_accum", type=int)
+    flag("eval_tokens", "validation tokens per evaluation, in windows spread over val.bin (all of it if fewer)", type=int)
+    flag("compile", "torch.compile the model", action=argparse.BooleanOptionalAction)
+    flag("peak_tflops", "peak TFLOP/s of one process's device, for MFU; 0: known GPUs, or measured on CPU", type=float)
+    flag("wandb", "log to Weights & Biases (imported only then)", action=argparse.BooleanOptionalAction)
+    flag("wandb_project", "Weights & Biases project")
+    flag("sample_tokens", "tokens to generate from the trained model at the end; 0: none", type=int)
+    flag("prompt", "text the end-of-run sample continues (after </s>, i.e. at a document start)")
+    return vars(parser.parse_args(argv))
+
+
+def resolve(given: dict, defaults: dict, saved: dict | None, frozen: tuple, positive: tuple = ()) -> dict:
+    """Flags given > the checkpoint's config > defaults, then the checks every stage needs.
+    frozen: flags a resumed run may not change (the model's shape); positive: the stage's own >= 1 flags."""
+    if saved is None:
+        cfg = dict(defaults)
+    else:
+        changed = [f"--{k} {given[k]} (checkpoint: {saved[k]})" for k in frozen if k in given and given[k] != saved[k]]
+        if changed:
+            raise TrainError(f"--resume with a different model config: {', '.join(changed)}")
+        cfg = dict(saved)
+    cfg.update({k: False if k == "resume" else 0 for k in PER_INVOCATION}, **given)
+    for k in ("batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval", *positive):
+        if cfg[k] < 1:
+            raise TrainError(f"--{k} {cfg[k]}: must be at least 1")
+    for k in ("weight_decay", "grad_clip", "stop_at"):
+        if cfg[k] < 0:
+            raise TrainError(f"--{k} {cfg[k]}: must not be negative")
+    if not 0 < cfg["min_lr"] <= cfg["lr"] or not 0 <= cfg["warmup_steps"] < cfg["max_steps"]:
+        raise TrainError(f"need 0 < min_lr <= lr and 0 <= warmup_steps < max_steps, got min_lr {cfg['min_lr']}, "
+                         f"lr {cfg['lr']}, warmup_steps {cfg['warmup_steps']}, max_steps {cfg['max_steps']}")
+    return cfg
+
+
+def resolve_config(given: dict, saved: dict | None = None) -> dict:
+    """Pretraining's config: resolve() over the preset (a resumed run keeps its preset)."""
+    preset = given.get("preset") or (saved or {}).get("preset")
+    preset = preset or ("full" if torch.cuda.is_available() and given.get("device") != "cpu" else "cpu")
+    if saved is not None and preset != saved["preset"]:
+        raise TrainError(f"--preset {preset} differs from the checkpoint's {saved['preset']}; a resumed run keeps its preset")
+    if "grad_accum" in given and given.get("global_batch_tokens"):
+        raise TrainError("give --grad_accum or --global_batch_tokens, not both")
+    given = {k: v for k, v in given.items() if k != "preset"}
+    if "grad_accum" in given:
+        given["global_batch_tokens"] = 0  # an explicit accumulation count replaces the preset's global batch
+    cfg = resolve(given, dict(PRESETS[preset], preset=preset), saved, MODEL_FIELDS, ("eval_tokens",))
+    for k in ("global_batch_tokens", "sample_tokens", "peak_tflops"):
+        if cfg[k] < 0:
+            raise TrainError(f"--{k} {cfg[k]}: must not be negative")
+    return cfg
+
+
+def set_grad_accum(cfg: dict, world: int) -> int:
+    """A fixed global batch: the micro-steps make up for fewer processes (grad_accum = tokens / (B T W))."""
+    B, T, tokens = cfg["batch_size"], cfg["max_seq_len"], cfg["global_batch_tokens"]
+    if tokens and tokens % (B * T * world):
+        raise TrainError(f"--global_batch_tokens {tokens:,} is not a multiple of batch_size {B} x max_seq_len {T} x "
+                         f"world_size {world} = {B * T * world:,}; change --batch_size or the number of processes")
+    if tokens:
+        cfg["grad_accum"] = tokens // (B * T * world)
+    return cfg["grad_accum"]
+
+
+def start(given: dict, resolve_fn) -> tuple:
+    """(config, train state or None): a fresh run, or with --resume the state of OUT_DIR/ckpt_latest.
+    A fresh run never writes over an existing one."""
+    cfg = resolve_fn(given)
+    latest = Path(cfg["out_dir"]) / "ckpt_latest"
+    if given.get("resume"):
+        state = checkpoint.load_state(latest)
+        return resolve_fn(given, state["config"]), state
+    if checkpoint.find(latest) or checkpoint.find(latest.with_name("ckpt_best")):
+        raise TrainError(f"{cfg['out_dir']} already holds a checkpoint: pass --resume to continue it, or another --out_dir")
+    return cfg, None
+
+
+@contextmanager
+def one_line_errors():
+    """Bad input becomes one line on stderr (`error: ...`) and exit code 2, never a traceback."""
+    try:
+        yield
+    except (TrainError, corpus.DataError, checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop, which handles it itself
+        print("error: interrupted outside the training loop; the checkpoints on disk are complete", file=sys.stderr)
+        sys.exit(2)
+
+
+def git_revision() -> str:
+    try:
+        run = lambda *cmd: subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()  # noqa: E731
+        return run("rev-parse", "--short", "HEAD") + ("-dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git checkout or no commit)"
+
+
+if __name__ == "__main__":
+    with one_line_errors():
+        print(resolve_config(parse_args()))
