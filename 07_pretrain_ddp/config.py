@@ -12,7 +12,7 @@ Demo: python 07_pretrain_ddp/config.py --help
 import argparse
 import subprocess
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from importlib import import_module
 from pathlib import Path
 
@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one imp
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 corpus = import_module("01_tokenizer.corpus")
+lillm = import_module("06_model.model")
 checkpoint = import_module("07_pretrain_ddp.checkpoint")
 
 MODEL_FIELDS = ("d_model", "n_layers", "q_heads", "kv_heads", "max_seq_len", "multiple_of", "dropout")
@@ -155,6 +156,20 @@ def set_grad_accum(cfg: dict, world: int) -> int:
     if tokens:
         cfg["grad_accum"] = tokens // (B * T * world)
     return cfg["grad_accum"]
+
+
+def model_config(cfg: dict, vocab_size: int):
+    """The ModelConfig of a run: the token files' vocabulary, the shape flags; a TrainError if invalid."""
+    try:
+        return lillm.ModelConfig(vocab_size=vocab_size, **{k: cfg[k] for k in MODEL_FIELDS})
+    except ValueError as e:
+        raise TrainError(f"invalid model config: {e}") from None
+
+
+def precision(cfg: dict, device: torch.device) -> tuple:
+    """(dtype name, the context forward passes run in): bfloat16 autocast on a GPU by default, else float32."""
+    dtype = cfg["dtype"] if cfg["dtype"] != "auto" else "bfloat16" if device.type == "cuda" else "float32"
+    return dtype, torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 
 
 def start(given: dict, resolve_fn) -> tuple:

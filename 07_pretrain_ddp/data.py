@@ -133,9 +133,19 @@ def distributed(device_flag: str):
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     try:
         yield Run(ddp, rank, local_rank, world, device)
+        if ddp:  # leave together: a rank that tears the group down while another still uses it can abort (Gloo)
+            dist.barrier()
     finally:
         if ddp:
             dist.destroy_process_group()
+
+
+def token_windows(data_dir, meta: dict, seq_len: int) -> tuple:
+    """(train, val) TokenWindows over lesson 01's token files; a DataError if either is shorter than a window."""
+    train, val = (TokenWindows(Path(data_dir) / f"{s}.bin", meta[f"{s}_tokens"], seq_len, meta["vocab_size"]) for s in ("train", "val"))
+    if min(train.n_windows, val.n_windows) < 1:
+        raise prepare.DataError(f"train.bin or val.bin in {data_dir} is shorter than one window of max_seq_len + 1 = {seq_len + 1} tokens")
+    return train, val
 
 
 def eval_batches(val: TokenWindows, eval_tokens: int, batch_size: int, run: Run) -> list:

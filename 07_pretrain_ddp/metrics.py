@@ -28,6 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 tokenizer = import_module("01_tokenizer.tokenizer")
 generate = import_module("06_model.generate")
+config = import_module("07_pretrain_ddp.config")
 
 GPU_PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10G": 70, "L4": 121, "4090": 165}  # dense bf16
 
@@ -48,7 +49,7 @@ def peak_flops(device: torch.device, dtype: str, given_tflops: float = 0.0) -> f
 def describe_run(cfg: dict, run, model, lines: list[str]) -> None:
     """Rank 0 prints the resolved config, the git revision and the stage's lines, and writes config.json."""
     if run.master:
-        revision = import_module("07_pretrain_ddp.config").git_revision()
+        revision = config.git_revision()
         print(f"config: {json.dumps(cfg, sort_keys=True)}\ngit revision: {revision}", *lines, sep="\n")
         Path(cfg["out_dir"]).mkdir(parents=True, exist_ok=True)
         saved = dict(cfg, git_revision=revision, world_size=run.world, model=model.config.to_dict())
@@ -67,8 +68,10 @@ def window_records(pending: list, losses: list, step: int, seconds: float, flops
 class Metrics:
     """metrics.jsonl on rank 0; resuming at step k drops records past k (work that was lost)."""
 
-    def __init__(self, path: Path, start_step: int, master: bool, wandb_run=None):
-        self.path, self.master, self.records, self.wandb = Path(path), master, [], wandb_run
+    def __init__(self, path: Path, start_step: int, master: bool, wandb_config: dict | None = None):
+        self.path, self.master, self.records, self.wandb = Path(path), master, [], None
+        if master and wandb_config:  # optional: wandb is imported only when asked for
+            self.wandb = import_module("wandb").init(project=wandb_config["wandb_project"], config=wandb_config)
         if master and start_step > 0 and self.path.exists():
             self.records = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= start_step]
         if master:

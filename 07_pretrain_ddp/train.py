@@ -48,12 +48,6 @@ def fit(model, train_model, optimizer, next_micro_batches, val_batches, cfg: dic
     (every log_interval steps and at evaluations), so a GPU never waits for the host inside a step."""
     out_dir, (step, best_val, sampler) = Path(cfg["out_dir"]), start
     pending, t0 = [], time.perf_counter()  # this log window's (lr, loss_sum, n, grad_norm, tokens) per step
-
-    def save(val_loss, best: bool) -> None:
-        state = dict(train_state, step=step, optimizer=optimizer.state_dict(), data_position=sampler.position,
-                     config=cfg, best_val_loss=best_val, val_loss=val_loss)
-        checkpoint.save_run(out_dir, model, state, run, best, write_weights)
-
     with checkpoint.StopOnSignal() as signals:
         if step == 0:
             log.write({"step": 0, "val_loss": evaluate(train_model, val_batches, run, autocast)})
@@ -92,7 +86,9 @@ def fit(model, train_model, optimizer, next_micro_batches, val_batches, cfg: dic
                     print(f"step {step}: val loss {record['val_loss']:.4f}{' (best so far)' if is_best else ''}")
             log.write(record)  # before the checkpoint: a resume drops records past the checkpoint's step
             if evaluated or stop or stop_at:
-                save(record.get("val_loss"), evaluated and is_best)
+                state = dict(train_state, step=step, optimizer=optimizer.state_dict(), data_position=sampler.position,
+                             config=cfg, best_val_loss=best_val, val_loss=record.get("val_loss"))
+                checkpoint.save_run(out_dir, model, state, run, evaluated and is_best, write_weights)
             pending, t0 = [], time.perf_counter()
             if stop or stop_at:
                 why = f"--stop_at {step}" if stop_at else f"a stop signal ({', '.join(signals.received) or 'on another rank'})"
@@ -178,36 +174,26 @@ def make_optimizer(model, lr: float, weight_decay: float, device: torch.device) 
 
 def wrap_ddp(model, run):
     """DDP broadcasts rank 0's weights at construction and registers hooks that all-reduce each bucket of
-    gradients as soon as backward has produced it, overlapping communication with computation.
-    forward_sync_buffers=False: the one buffer, the RoPE table, is computed alike on every rank, so the
-    default broadcast of buffers from rank 0 before every forward would be pure overhead."""
+    gradients as soon as backward has produced it, overlapping communication with computation. The one
+    buffer, the RoPE table, is alike on every rank: broadcasting it before every forward would be waste."""
     return DDP(model, device_ids=[run.local_rank] if run.device.type == "cuda" else None, forward_sync_buffers=False) if run.ddp else model
 
 
 def pretrain(cfg: dict, state: dict | None, run) -> dict:
     B, T, W, A = cfg["batch_size"], cfg["max_seq_len"], run.world, config.set_grad_accum(cfg, run.world)
-    dtype = cfg["dtype"] if cfg["dtype"] != "auto" else "bfloat16" if run.device.type == "cuda" else "float32"
+    dtype, autocast = config.precision(cfg, run.device)
     meta = data.load_data(cfg, run)
-    try:
-        model_cfg = lillm.ModelConfig(vocab_size=meta["vocab_size"], **{k: cfg[k] for k in config.MODEL_FIELDS})
-    except ValueError as e:
-        raise config.TrainError(f"invalid model config: {e}") from None
-    train_data, val_data = (data.TokenWindows(Path(cfg["data_dir"]) / f"{s}.bin", meta[f"{s}_tokens"], T, meta["vocab_size"])
-                            for s in ("train", "val"))
-    if min(train_data.n_windows, val_data.n_windows) < 1:
-        raise config.TrainError(f"train.bin or val.bin in {cfg['data_dir']} is shorter than one window of max_seq_len + 1 = {T + 1} tokens")
-
+    model_cfg = config.model_config(cfg, meta["vocab_size"])
+    train_data, val_data = data.token_windows(cfg["data_dir"], meta, T)
     torch.manual_seed(cfg["seed"] + run.rank)  # different dropout masks per rank; DDP copies rank 0's weights anyway
     model = lillm.LilLM(model_cfg).to(run.device) if state is None else checkpoint.load_model(Path(cfg["out_dir"]) / "ckpt_latest", run.device)
-    optimizer = make_optimizer(model, cfg["lr"], cfg["weight_decay"], run.device)
-    step, best_val, position = 0, float("inf"), 0
     if state is not None:
         checkpoint.check_resume(state, model_cfg, model.config, meta["tokenizer_sha256"], cfg["data_dir"])
-        step, best_val, position = checkpoint.restore(state, optimizer, run)
+    optimizer = make_optimizer(model, cfg["lr"], cfg["weight_decay"], run.device)
+    step, best_val, position = (0, float("inf"), 0) if state is None else checkpoint.restore(state, optimizer, run)
     if run.device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # float32 matmuls outside autocast may use TF32 tensor cores
     train_model = wrap_ddp(torch.compile(model) if cfg["compile"] else model, run)
-    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
     sampler = data.RankSampler(data.WindowStream(train_data.n_windows, cfg["seed"]), B, run.rank, W, position)
     val_batches = data.eval_batches(val_data, cfg["eval_tokens"], B, run)
     if run.ddp:
@@ -217,8 +203,7 @@ def pretrain(cfg: dict, state: dict | None, run) -> dict:
         f"global batch = {B} windows x {T} tokens x {A} micro-steps x {W} processes = {B * T * A * W:,} tokens per step",
         f"{model.num_params():,} parameters, vocab {model_cfg.vocab_size:,}, on {run.device} in {dtype}, {W} process(es); "
         f"train.bin holds {train_data.n_windows:,} windows: one epoch = {train_data.n_windows / (B * A * W):,.1f} steps"])
-    wandb_run = import_module("wandb").init(project=cfg["wandb_project"], config=cfg) if cfg["wandb"] and run.master else None
-    log = metrics.Metrics(Path(cfg["out_dir"]) / "metrics.jsonl", step, run.master, wandb_run)
+    log = metrics.Metrics(Path(cfg["out_dir"]) / "metrics.jsonl", step, run.master, cfg if cfg["wandb"] else None)
     result = fit(model, train_model, optimizer, lambda: [train_data.batch(sampler.next_ids(), run.device) for _ in range(A)],
                  val_batches, cfg, run, log, (step, best_val, sampler), {"tokenizer_sha256": meta["tokenizer_sha256"]},
                  autocast, model.flops_per_token(T), peak)

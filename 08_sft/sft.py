@@ -26,7 +26,6 @@ Left out on purpose: preference tuning (DPO/RLHF), torch.compile (07 has it; SFT
 import argparse
 import random
 import sys
-from contextlib import nullcontext
 from importlib import import_module
 from pathlib import Path
 
@@ -66,8 +65,7 @@ def finetune(cfg: dict, state: dict | None, run) -> dict:
     if len(rows) < B * A * run.world or not val_rows:
         raise chat_data.DataError(f"{len(rows)} train rows and {len(val_rows)} val rows: fewer than one global batch of "
                                   f"{B * A * run.world} rows, or no validation; fix: more conversations or a smaller --batch_size")
-    dtype = cfg["dtype"] if cfg["dtype"] != "auto" else "bfloat16" if run.device.type == "cuda" else "float32"
-    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    dtype, autocast = config.precision(cfg, run.device)
 
     torch.manual_seed(cfg["seed"])  # the same adapters' initialization on every rank
     if state is not None:
