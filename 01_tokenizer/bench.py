@@ -2,6 +2,8 @@
 
   bpe      train bpe.py and `tokenizers` on the default corpus at vocab 8192, in one run; check that
            the merges are equal, print both times.
+  plain    bpe.py's two trainers, train_plain (recounts every pair every merge) and ByteLevelBPE.train
+           (kept counts, a heap), on the first ~200 KB of the corpus at vocab 1024; best of 3 runs each.
   prepare  throughput of prepare.py (read, split, encode, write) in MB/s and tokens/s against a bare
            Tokenizer.encode_batch over the same text held in memory; then the peak RSS of the
            prepare command on the default corpus and on one 4x larger (a JSONL file holding it four
@@ -10,11 +12,12 @@
 Timings are wall-clock on whatever else the machine is doing: run it on a quiet machine.
 Left out on purpose: repeated runs and error bars; the figures are for orders of magnitude.
 
-Demo: python 01_tokenizer/bench.py            (both, ~2 minutes on 2 cores)
-      python 01_tokenizer/bench.py --only bpe
+Demo: python 01_tokenizer/bench.py            (all three, ~2 minutes on 2 cores)
+      python 01_tokenizer/bench.py --only plain  (~15 s)
 """
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -55,6 +58,29 @@ def bench_bpe(docs: list[str], vocab_size: int):
           f"({t_mine / t_lib:.1f}x the library's wall time)")
     print(f"  merges and vocab identical: {same}")
     assert same, "bpe.py must learn exactly the library's merges"
+
+
+def bench_plain(docs: list[str], chars: int, vocab_size: int):
+    starts = itertools.accumulate(map(len, docs), initial=0)
+    excerpt = [d for d, start in zip(docs, starts) if start <= chars]  # up to the first document past `chars`
+    args = (excerpt, vocab_size, tokenizer.SPECIAL_TOKENS)
+
+    def best_of_3(fn):  # (result, wall s, CPU s), the fastest of 3 runs: single runs of 0.1 s are noisy
+        runs = [timed(fn) for _ in range(3)]
+        return runs[0][0], min(r[1] for r in runs), min(r[2] for r in runs)
+
+    _, t_count, cpu_count = best_of_3(lambda: bpe.count_words(excerpt, tokenizer.SPECIAL_TOKENS))
+    plain, t_plain, cpu_plain = best_of_3(lambda: bpe.train_plain(*args))
+    fast, t_fast, cpu_fast = best_of_3(lambda: bpe.ByteLevelBPE.train(*args))
+    same = plain.merges == fast.merges and plain.vocab == fast.vocab
+    print(f"BPE trainers on {sum(map(len, excerpt)) / 1e6:.2f} M characters, vocab {vocab_size} "
+          f"({len(fast.merges)} merges), best of 3")
+    print(f"  count_words (both start with it)  {t_count:6.2f} s wall  {cpu_count:6.2f} s CPU")
+    print(f"  train_plain (recounts all pairs)  {t_plain:6.2f} s wall  {cpu_plain:6.2f} s CPU")
+    print(f"  ByteLevelBPE.train (kept counts)  {t_fast:6.2f} s wall  {cpu_fast:6.2f} s CPU   {t_plain / t_fast:.0f}x "
+          f"faster ({(t_plain - t_count) / (t_fast - t_count):.0f}x after count_words)")
+    print(f"  merges and vocab identical: {same}")
+    assert same, "train_plain and ByteLevelBPE.train must learn the same merges"
 
 
 # Runs a script and prints its peak RSS (VmHWM) at exit. Not getrusage: Linux keeps ru_maxrss across
@@ -104,15 +130,19 @@ def bench_prepare(docs: list[str], tok_path: Path, work: Path, scale: int):
 
 def main():
     parser = argparse.ArgumentParser(description="Benchmarks of lesson 01: BPE training and token-file preparation.")
-    parser.add_argument("--only", choices=["bpe", "prepare"], help="run one benchmark (default: both)")
+    parser.add_argument("--only", choices=["bpe", "plain", "prepare"], help="run one benchmark (default: all)")
     parser.add_argument("--vocab-size", type=int, default=tokenizer.DEFAULT_VOCAB_SIZE,
-                        help="vocab size for both (default 8192)")
+                        help="vocab size for bpe and prepare (default 8192)")
+    parser.add_argument("--plain-chars", type=int, default=200_000, help="corpus size for plain (default 200000)")
+    parser.add_argument("--plain-vocab-size", type=int, default=1024, help="vocab size for plain (default 1024)")
     parser.add_argument("--scale", type=int, default=4, help="the larger corpus is this many copies of the default one")
     args = parser.parse_args()
 
     docs = list(corpus.documents("shakespeare"))
     if args.only in (None, "bpe"):
         bench_bpe(docs, args.vocab_size)
+    if args.only in (None, "plain"):
+        bench_plain(docs, args.plain_chars, args.plain_vocab_size)
     if args.only in (None, "prepare"):
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)

@@ -8,6 +8,9 @@ start from the 256 bytes and repeatedly glue the most frequent adjacent pair int
         (a, b) = argmax over pairs of  sum_w count(w) * #(a, b) in w,  ties -> the smallest (id_a, id_b)
         vocab += [a + b];  merges += [(a, b)];  replace (a, b) by a + b in every word
 
+Two trainers learn the same merges: `train_plain` is that loop as written (read it first);
+`ByteLevelBPE.train` keeps the pair counts instead of recounting them: 60-230x faster (notes.md).
+
 Encoding a new word replays the merges: the pair that was learned first (lowest rank) is merged
 first, one occurrence at a time, leftmost first. Pairs never cross a pre-token boundary, so "the,"
 is never one token ("the" and "," are separate pieces); special tokens ("<s>") are cut out first.
@@ -17,14 +20,11 @@ What this file copies from the library, exactly (each one is a way to disagree w
               ("!" = 16 ... "~" = 109, ..., "Ġ" = 236 is the space byte), then merges in order.
   ties        equal counts go to the pair with the smaller (id_a, id_b): ids, not strings.
   overlaps    "aaa" merges (a, a) once, at the left: "aaa" -> [aa, a], never [a, aa].
-  counting    pair counts are kept, not recounted: a merge only visits the words that hold the
-              pair and adjusts the counts of its neighbours; a heap finds the next best pair.
-  same string if two merges ever spelled the same string ("ab"+"c", "a"+"bc"), the token keeps its
-              first id and a pair merged twice keeps its last rank. Never seen in practice
-              (notes.md); the code does what the library would.
+  same string if two merges spell one string ("ab"+"c", "a"+"bc"), the token keeps its first id and a
+              pair merged twice its last rank. Never seen in practice (notes.md); the code does it anyway.
 
 Left out on purpose: min_frequency, limit_alphabet, dropout, continuing-subword prefixes, Unicode
-normalization, parallelism. Pure Python, 1.5-2x the library's training time on the default
+normalization, parallelism. Pure Python: `train` takes 1-2x the library's time on the default
 corpus (notes.md); the library is the one to use (tokenizer.py), this file is the one to read.
 
 Demo: python 01_tokenizer/bpe.py
@@ -33,6 +33,7 @@ Demo: python 01_tokenizer/bpe.py
 import heapq
 import json
 import sys
+import time
 from collections import Counter
 from importlib import import_module
 from pathlib import Path
@@ -46,9 +47,8 @@ if str(ROOT) not in sys.path:
 
 # GPT-2's pre-tokenizer: contractions, letters with one optional leading space, numbers, other
 # symbols, then whitespace. `\s+(?!\S)` leaves the last space of a run to the word after it.
-# Trap: the library's regex engine (Oniguruma) and the `regex` module ship different Unicode versions:
-# letters assigned in the newest one (4,657 code points, regex 2026.5 vs tokenizers 0.23) split
-# differently. Every older character splits the same (the tests check it).
+# Trap: the library's regex engine (Oniguruma) and `regex` ship different Unicode versions: letters new in
+# the newest one (4,657 code points) split differently; older ones split the same (tested; notes.md §3).
 GPT2_SPLIT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 
 
@@ -108,6 +108,49 @@ def merge_word(word: list[int], a: int, b: int, new_id: int) -> list[tuple[tuple
     return changes
 
 
+def count_words(texts: Iterable[str], special_tokens: list[str]) -> tuple[list[list[int]], list[int], list[str], dict]:
+    """The start both trainers share: each distinct word as a list of ids, how often it occurs, and the
+    initial vocabulary (special tokens, then all 256 byte characters by code point)."""
+    raw = Counter()  # str -> int; count raw pieces (10^6), then spell each distinct one (10^4) in bytes once
+    for text in texts:
+        raw.update(GPT2_SPLIT.findall(text))
+    id_to_token = list(dict.fromkeys(special_tokens))  # int -> str
+    id_to_token += sorted(c for c in BYTE_TO_CHAR.values() if c not in id_to_token)
+    vocab = {t: i for i, t in enumerate(id_to_token)}  # str -> int
+    words = [[vocab[c] for c in to_byte_chars(piece)] for piece in raw]  # list[list[int]]; one-to-one map
+    return words, list(raw.values()), id_to_token, vocab
+
+
+def add_token(a: int, b: int, id_to_token: list[str], vocab: dict[str, int]) -> int:
+    """The id of the token a + b: the next id, or the existing one if an earlier merge spelled it."""
+    token = id_to_token[a] + id_to_token[b]
+    if token not in vocab:
+        vocab[token] = len(id_to_token)
+        id_to_token.append(token)
+    return vocab[token]
+
+
+def train_plain(texts: Iterable[str], vocab_size: int, special_tokens: Iterable[str] = ()) -> "ByteLevelBPE":
+    """Learn merges until the vocabulary (special tokens + 256 bytes + merges) has vocab_size tokens or no
+    pair is left. The loop of the module docstring, nothing more: each merge recounts every pair."""
+    special_tokens = list(special_tokens)
+    words, counts, id_to_token, vocab = count_words(texts, special_tokens)
+    merges = []  # [(int, int)]: the pairs, in the order learned
+    while len(vocab) < vocab_size:
+        pair_counts = Counter()  # (int, int) -> int, from scratch
+        for word, n in zip(words, counts):
+            for pair in zip(word, word[1:]):
+                pair_counts[pair] += n
+        if not pair_counts:  # every word is a single token: nothing left to merge
+            break
+        a, b = min(pair_counts, key=lambda p: (-pair_counts[p], p))  # the most frequent; ties -> smallest ids
+        new_id = add_token(a, b, id_to_token, vocab)
+        merges.append((a, b))
+        for word in words:
+            merge_word(word, a, b, new_id)  # in place; the count changes it returns are for the fast trainer
+    return ByteLevelBPE.from_id_merges(vocab, id_to_token, merges, special_tokens)
+
+
 class ByteLevelBPE:
     """A trained byte-level BPE: `vocab` (token string -> id) and `merges` (in rank order)."""
 
@@ -126,33 +169,21 @@ class ByteLevelBPE:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, special_tokens: Iterable[str] = ()) -> "ByteLevelBPE":
-        """Learn merges until the vocabulary (special tokens + 256 bytes + merges) has vocab_size tokens."""
+        """train_plain's merges, fast. train_plain recounts every pair of every word for every merge:
+        O(merges x corpus). Here the counts are made once; a merge visits only the words that hold its
+        pair and moves only the counts of the pairs touching it; a heap with lazy deletion finds the best."""
         special_tokens = list(special_tokens)
-        # 1. Count words. Counting raw pieces first and spelling only the distinct ones in bytes is
-        #    what keeps this fast: a corpus has millions of pieces but tens of thousands of words.
-        raw = Counter()
-        for text in texts:
-            raw.update(GPT2_SPLIT.findall(text))
-        word_counts = {to_byte_chars(piece): n for piece, n in raw.items()}  # the map is one-to-one
-
-        # 2. The initial vocabulary: special tokens, then all 256 byte characters by code point.
-        id_to_token = list(dict.fromkeys(special_tokens))
-        id_to_token += sorted(c for c in BYTE_TO_CHAR.values() if c not in id_to_token)
-        vocab = {t: i for i, t in enumerate(id_to_token)}  # str -> int
-
-        # 3. Words as lists of ids, and every adjacent pair counted once, weighted by word count.
-        words = [[vocab[c] for c in w] for w in word_counts]  # list[list[int]]
-        counts = list(word_counts.values())  # list[int], counts[i] is how often words[i] occurs
-        pair_counts = Counter()  # (int, int) -> int
+        words, counts, id_to_token, vocab = count_words(texts, special_tokens)
+        pair_counts = Counter()  # (int, int) -> int; every adjacent pair, weighted by its word's count
         where = {}  # (int, int) -> set of word indices that contain (or contained) the pair
         for i, word in enumerate(words):
             for pair in zip(word, word[1:]):
                 pair_counts[pair] += counts[i]
                 where.setdefault(pair, set()).add(i)
 
-        # 4. A max-heap on (count, then smallest pair): heapq is a min-heap, so store -count.
-        #    Entries go stale when a count drops; they are fixed lazily, when they reach the top.
-        #    `seq` only keeps heapq from comparing two sets when count and pair are equal.
+        # A max-heap on (count, then smallest pair): heapq is a min-heap, so store -count.
+        # Entries go stale when a count drops; they are fixed lazily, when they reach the top.
+        # `seq` only keeps heapq from comparing two sets when count and pair are equal.
         heap = [(-pair_counts[p], p, seq, pos) for seq, (p, pos) in enumerate(where.items())]
         heapq.heapify(heap)
         seq = len(heap)
@@ -166,14 +197,10 @@ class ByteLevelBPE:
             if -neg_count < 1:
                 break
             a, b = pair
-            new_token = id_to_token[a] + id_to_token[b]
-            if new_token not in vocab:  # two merges can spell the same string: the first id stays
-                vocab[new_token] = len(id_to_token)
-                id_to_token.append(new_token)
-            new_id = vocab[new_token]
+            new_id = add_token(a, b, id_to_token, vocab)
             merges.append(pair)
 
-            # 5. Merge in the words that had the pair, and move only the counts that changed.
+            # Merge in the words that had the pair, and move only the counts that changed.
             new_pos = {}  # pairs that gained occurrences -> the words where they did
             for i in pos:
                 for p, delta in merge_word(words[i], a, b, new_id):
@@ -184,8 +211,11 @@ class ByteLevelBPE:
                 if pair_counts[p] > 0:
                     heapq.heappush(heap, (-pair_counts[p], p, seq, p_pos))
                     seq += 1
+        return cls.from_id_merges(vocab, id_to_token, merges, special_tokens)
 
-        # A pair merged twice keeps its last rank, as in the library's pair -> (rank, id) map.
+    @classmethod
+    def from_id_merges(cls, vocab, id_to_token, merges, special_tokens) -> "ByteLevelBPE":
+        """From a trainer's id pairs. A pair merged twice keeps its last rank, as in the library's map."""
         last_rank = {pair: r for r, pair in enumerate(merges)}
         ordered = sorted(last_rank, key=last_rank.get)
         return cls(vocab, [(id_to_token[a], id_to_token[b]) for a, b in ordered], special_tokens)
@@ -239,8 +269,13 @@ if __name__ == "__main__":
         excerpt += len(doc)
         if excerpt > 200_000:
             break
+    start = time.perf_counter()
+    plain = train_plain(train_docs, vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"])
+    middle = time.perf_counter()
     bpe = ByteLevelBPE.train(train_docs, vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"])
-    print(f"trained on {excerpt:,} characters: {len(bpe.vocab)} tokens, {len(bpe.merges)} merges")
+    assert plain.merges == bpe.merges and plain.vocab == bpe.vocab, "both trainers must learn the same merges"
+    print(f"trained on {excerpt:,} characters: {len(bpe.vocab)} tokens, {len(bpe.merges)} merges, the same from "
+          f"train_plain ({middle - start:.2f} s) and ByteLevelBPE.train ({time.perf_counter() - middle:.2f} s)")
     print("first merges:", ", ".join(f"{a!r}+{b!r}" for a, b in bpe.merges[:8]))
     text = "To be, or not to be, that is the question:</s>"
     ids = bpe.encode(text)

@@ -128,6 +128,27 @@ def test_bpe_equals_library_on_shakespeare_excerpt(excerpt, small_tokenizer):
         assert mine.decode(mine.encode(doc)) == doc
 
 
+# Runs of one letter ("aaaa": overlapping pairs), accents, CJK and emoji (several bytes each), whitespace.
+runs = st.text(st.sampled_from("aaaab é日😀\n"), max_size=12)
+
+
+@given(corpus_=st.lists(st.lists(st.one_of(st.sampled_from(PIECES), runs), max_size=30).map("".join), min_size=1,
+                        max_size=8),
+       vocab_size=st.integers(250, 450), special_tokens=st.sampled_from([[], ["<s>", "a"], tokenizer.SPECIAL_TOKENS]))
+def test_plain_and_fast_trainers_learn_the_same_merges(corpus_, vocab_size, special_tokens):
+    # Small corpora run out of pairs well before 450 tokens: both must stop at the same merge.
+    plain = bpe.train_plain(corpus_, vocab_size, special_tokens)
+    fast = bpe.ByteLevelBPE.train(corpus_, vocab_size, special_tokens)
+    assert plain.merges == fast.merges, "train_plain and ByteLevelBPE.train learned different merges"
+    assert plain.vocab == fast.vocab
+
+
+def test_plain_trainer_equals_library_on_shakespeare_excerpt(excerpt, small_tokenizer):
+    plain = bpe.train_plain(excerpt[0], 512, tokenizer.SPECIAL_TOKENS)  # ~150 KB, 240 merges: about a second
+    lib = tokenizer.load_tokenizer(small_tokenizer)
+    assert plain.merges == library_merges(lib) and plain.vocab == lib.get_vocab()
+
+
 @given(st.text(st.characters(codec="utf-8"), max_size=60))
 def test_pre_tokenize_matches_the_library(text):
     # Letters from the newest Unicode release split differently (see bpe.py): keep the characters this
