@@ -14,6 +14,7 @@ per run); the DDP runs go through torchrun.
 Run: python -m pytest tests/test_07_pretrain_ddp.py
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -233,6 +234,47 @@ def test_resume_is_exact_in_one_process(token_dir, tmp_path):
 
 
 # ---- DDP ---------------------------------------------------------------------------------------------------------
+
+
+def count_gradient_allreduces(rank: int, world: int, init_file: str, micro_steps: int, results) -> None:
+    """One process of a Gloo group: 3 optimizer steps of train_step through DDP with a communication hook
+    that records which bucket each gradient all-reduce carries; then the same with no_sync disabled."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    lillm = import_module("06_model.model")
+    model = lillm.LilLM(lillm.ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, q_heads=4, kv_heads=2, max_seq_len=T))
+    run = data.Run(True, rank, rank, world, torch.device("cpu"))
+    ddp = train.wrap_ddp(model, run)
+    buckets = []  # bucket indices, in the order their all-reduces were launched
+    ddp.register_comm_hook(None, lambda state, bucket: buckets.append(bucket.index()) or allreduce_hook(state, bucket))
+    optimizer = train.make_optimizer(model, 1e-3, 0.1, run.device)
+    per_step = {}
+    for mode in ("no_sync", "without no_sync"):
+        if mode == "without no_sync":
+            ddp.no_sync = contextlib.nullcontext  # what a trainer that forgets no_sync does
+        per_step[mode] = []
+        for _ in range(3):
+            batches = [(torch.randint(0, VOCAB, (2, T)), torch.randint(0, VOCAB, (2, T))) for _ in range(micro_steps)]
+            train.train_step(model, ddp, optimizer, batches, run, 1.0, contextlib.nullcontext())
+            per_step[mode].append(sorted(buckets))
+            buckets.clear()
+    results[rank] = per_step
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_all_reduces_each_gradient_bucket_once_per_step_with_accumulation(tmp_path):
+    """With 3 micro-steps, no_sync must leave exactly one all-reduce per bucket per optimizer step; the
+    equality tests alone could not see a missing no_sync (the sum of 3 all-reduced gradients is the same)."""
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(count_gradient_allreduces, args=(2, str(tmp_path / "store"), 3, results), nprocs=2)
+    for per_step in results.values():
+        n_buckets = len(set(per_step["no_sync"][0]))
+        assert n_buckets >= 1
+        assert per_step["no_sync"] == [list(range(n_buckets))] * 3, per_step
+        assert per_step["without no_sync"] == [sorted(list(range(n_buckets)) * 3)] * 3, "the hook must see every all-reduce"
 
 
 def test_ddp_two_processes_equal_one_process(ddp_run, reference):
