@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 bpe = import_module("01_tokenizer.bpe")
 corpus = import_module("01_tokenizer.corpus")
-tokenizer = import_module("01_tokenizer.tokenizer")
+tokenizer_lib = import_module("01_tokenizer.tokenizer")
 prepare = import_module("01_tokenizer.prepare")
 
 
@@ -47,8 +47,8 @@ def timed(fn):
 
 
 def bench_bpe(docs: list[str], vocab_size: int):
-    lib, t_lib, cpu_lib = timed(lambda: tokenizer.train_tokenizer(docs, vocab_size))
-    mine, t_mine, cpu_mine = timed(lambda: bpe.ByteLevelBPE.train(docs, vocab_size, tokenizer.SPECIAL_TOKENS))
+    lib, t_lib, cpu_lib = timed(lambda: tokenizer_lib.train_tokenizer(docs, vocab_size))
+    mine, t_mine, cpu_mine = timed(lambda: bpe.ByteLevelBPE.train(docs, vocab_size, tokenizer_lib.SPECIAL_TOKENS))
     lib_merges = [tuple(m) for m in json.loads(lib.to_str())["model"]["merges"]]
     same = mine.merges == lib_merges and mine.vocab == lib.get_vocab()
     chars = sum(map(len, docs))
@@ -63,13 +63,13 @@ def bench_bpe(docs: list[str], vocab_size: int):
 def bench_plain(docs: list[str], chars: int, vocab_size: int):
     starts = itertools.accumulate(map(len, docs), initial=0)
     excerpt = [d for d, start in zip(docs, starts) if start <= chars]  # up to the first document past `chars`
-    args = (excerpt, vocab_size, tokenizer.SPECIAL_TOKENS)
+    args = (excerpt, vocab_size, tokenizer_lib.SPECIAL_TOKENS)
 
     def best_of_3(fn):  # (result, wall s, CPU s), the fastest of 3 runs: single runs of 0.1 s are noisy
         runs = [timed(fn) for _ in range(3)]
         return runs[0][0], min(r[1] for r in runs), min(r[2] for r in runs)
 
-    _, t_count, cpu_count = best_of_3(lambda: bpe.count_words(excerpt, tokenizer.SPECIAL_TOKENS))
+    _, t_count, cpu_count = best_of_3(lambda: bpe.count_words(excerpt, tokenizer_lib.SPECIAL_TOKENS))
     plain, t_plain, cpu_plain = best_of_3(lambda: bpe.train_plain(*args))
     fast, t_fast, cpu_fast = best_of_3(lambda: bpe.ByteLevelBPE.train(*args))
     same = plain.merges == fast.merges and plain.vocab == fast.vocab
@@ -100,7 +100,7 @@ def peak_rss_mb(script: str, *args: str) -> float:
 
 
 def bench_prepare(docs: list[str], tok_path: Path, work: Path, scale: int):
-    tok = tokenizer.load_tokenizer(tok_path)
+    tok = tokenizer_lib.load_tokenizer(tok_path)
     mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
     encodings, t_bare, cpu_bare = timed(lambda: tok.encode_batch(docs, add_special_tokens=False))
     n_tokens = sum(len(e.ids) for e in encodings) + len(docs)  # + one </s> per document, as in the files
@@ -131,7 +131,7 @@ def bench_prepare(docs: list[str], tok_path: Path, work: Path, scale: int):
 def main():
     parser = argparse.ArgumentParser(description="Benchmarks of lesson 01: BPE training and token-file preparation.")
     parser.add_argument("--only", choices=["bpe", "plain", "prepare"], help="run one benchmark (default: all)")
-    parser.add_argument("--vocab-size", type=int, default=tokenizer.DEFAULT_VOCAB_SIZE,
+    parser.add_argument("--vocab-size", type=int, default=tokenizer_lib.DEFAULT_VOCAB_SIZE,
                         help="vocab size for bpe and prepare (default 8192)")
     parser.add_argument("--plain-chars", type=int, default=200_000, help="corpus size for plain (default 200000)")
     parser.add_argument("--plain-vocab-size", type=int, default=1024, help="vocab size for plain (default 1024)")
@@ -146,7 +146,7 @@ def main():
     if args.only in (None, "prepare"):
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
-            tokenizer.save_tokenizer(tokenizer.train_tokenizer(docs, args.vocab_size), work / "tokenizer.json")
+            tokenizer_lib.save_tokenizer(tokenizer_lib.train_tokenizer(docs, args.vocab_size), work / "tokenizer.json")
             bench_prepare(docs, work / "tokenizer.json", work, args.scale)
 
 

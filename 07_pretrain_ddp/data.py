@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one imp
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 prepare = import_module("01_tokenizer.prepare")
-tokenizer = import_module("01_tokenizer.tokenizer")
+tokenizer_lib = import_module("01_tokenizer.tokenizer")
 
 
 def epoch_order(n_windows: int, seed: int, epoch: int) -> np.ndarray:
@@ -178,7 +178,7 @@ def load_data(cfg: dict, run: Run) -> dict:
         print(f"no token files in {cfg['data_dir']}: building them with lesson 01 from corpus {cfg['corpus']!r}")
     build_then_barrier(lambda: prepare.ensure_data(cfg["data_dir"], cfg["tokenizer"], cfg["corpus"]), builder, run)
     meta = prepare.load_meta(cfg["data_dir"])
-    tokenizer.load_tokenizer(cfg["tokenizer"])  # a one-line DataError if it is missing or unreadable
+    tokenizer_lib.load_tokenizer(cfg["tokenizer"])  # a one-line DataError if it is missing or unreadable
     prepare.check_tokenizer(meta, cfg["tokenizer"], cfg["data_dir"])
     return meta
 

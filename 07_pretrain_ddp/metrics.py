@@ -26,7 +26,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-tokenizer = import_module("01_tokenizer.tokenizer")
+tokenizer_lib = import_module("01_tokenizer.tokenizer")
 generate = import_module("06_model.generate")
 config = import_module("07_pretrain_ddp.config")
 
@@ -116,8 +116,8 @@ def plot_losses(records: list, path, what: str = "loss") -> None:
 
 def sample(model, tokenizer_path, prompt: str, n_tokens: int, seed: int, device: torch.device) -> str:
     """A sample continuing `prompt` at the start of a new document (after </s>), reproducibly."""
-    tok = tokenizer.load_tokenizer(tokenizer_path)
-    ids = [tokenizer.EOT_ID] + tok.encode(prompt, add_special_tokens=False).ids
+    tok = tokenizer_lib.load_tokenizer(tokenizer_path)
+    ids = [tokenizer_lib.EOT_ID] + tok.encode(prompt, add_special_tokens=False).ids
     generator = torch.Generator(device).manual_seed(seed)  # its own RNG: the sample does not depend on training's
     new = generate.generate(model, [ids], n_tokens, temperature=0.8, top_k=200, generator=generator)[0]
     return tok.decode(ids[1:] + new, skip_special_tokens=False)

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = ROOT / "data" / "cache"  # shared with the lesson's own commands, so CI downloads once
 bpe = import_module("01_tokenizer.bpe")
 corpus = import_module("01_tokenizer.corpus")
-tokenizer = import_module("01_tokenizer.tokenizer")
+tokenizer_lib = import_module("01_tokenizer.tokenizer")
 prepare = import_module("01_tokenizer.prepare")
 DataError = corpus.DataError
 
@@ -48,7 +48,7 @@ def excerpt(shakespeare_docs):
 def small_tokenizer(excerpt, tmp_path_factory) -> Path:
     """A 512-token tokenizer trained by the library on the excerpt, saved as tokenizer.json."""
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tokenizer.save_tokenizer(tokenizer.train_tokenizer(excerpt[0], vocab_size=512), path)
+    tokenizer_lib.save_tokenizer(tokenizer_lib.train_tokenizer(excerpt[0], vocab_size=512), path)
     return path
 
 
@@ -80,10 +80,10 @@ def assert_one_line_error(result: subprocess.CompletedProcess, start: str):
 # ---------------------------------------------------------------- BPE from scratch == the library
 
 def test_byte_alphabet_and_special_ids_match_the_library(small_tokenizer):
-    tok = tokenizer.load_tokenizer(small_tokenizer)
+    tok = tokenizer_lib.load_tokenizer(small_tokenizer)
     assert len(set(bpe.BYTE_TO_CHAR.values())) == 256
     assert bpe.BYTE_TO_CHAR[ord(" ")] == "Ġ" and bpe.BYTE_TO_CHAR[ord("\n")] == "Ċ"
-    assert [tok.id_to_token(i) for i in range(16)] == tokenizer.SPECIAL_TOKENS
+    assert [tok.id_to_token(i) for i in range(16)] == tokenizer_lib.SPECIAL_TOKENS
     # the 256 byte characters follow the specials in code-point order, not byte order
     for i, c in enumerate(sorted(bpe.BYTE_TO_CHAR.values())):
         assert tok.token_to_id(c) == 16 + i, f"byte char {c!r} should be id {16 + i}"
@@ -107,8 +107,8 @@ texts = st.lists(st.sampled_from(PIECES), max_size=40).map("".join)
 @given(corpus_=st.lists(texts, min_size=1, max_size=12), held_out=st.lists(texts, max_size=4),
        vocab_size=st.integers(300, 600))
 def test_bpe_equals_library_on_generated_corpora(corpus_, held_out, vocab_size):
-    lib = tokenizer.train_tokenizer(corpus_, vocab_size)
-    mine = bpe.ByteLevelBPE.train(corpus_, vocab_size, tokenizer.SPECIAL_TOKENS)
+    lib = tokenizer_lib.train_tokenizer(corpus_, vocab_size)
+    mine = bpe.ByteLevelBPE.train(corpus_, vocab_size, tokenizer_lib.SPECIAL_TOKENS)
     assert mine.merges == library_merges(lib), "merges differ from the library's"
     assert mine.vocab == lib.get_vocab()
     for text in held_out + corpus_:
@@ -117,8 +117,8 @@ def test_bpe_equals_library_on_generated_corpora(corpus_, held_out, vocab_size):
 
 def test_bpe_equals_library_on_shakespeare_excerpt(excerpt, small_tokenizer):
     train_docs, held_out = excerpt
-    lib = tokenizer.load_tokenizer(small_tokenizer)
-    mine = bpe.ByteLevelBPE.train(train_docs, 512, tokenizer.SPECIAL_TOKENS)
+    lib = tokenizer_lib.load_tokenizer(small_tokenizer)
+    mine = bpe.ByteLevelBPE.train(train_docs, 512, tokenizer_lib.SPECIAL_TOKENS)
     assert len(mine.merges) == 512 - 16 - 256
     assert mine.merges == library_merges(lib), "merges differ from the library's"
     from_json = bpe.ByteLevelBPE.from_tokenizer_json(small_tokenizer)
@@ -134,7 +134,7 @@ runs = st.text(st.sampled_from("aaaab é日😀\n"), max_size=12)
 
 @given(corpus_=st.lists(st.lists(st.one_of(st.sampled_from(PIECES), runs), max_size=30).map("".join), min_size=1,
                         max_size=8),
-       vocab_size=st.integers(250, 450), special_tokens=st.sampled_from([[], ["<s>", "a"], tokenizer.SPECIAL_TOKENS]))
+       vocab_size=st.integers(250, 450), special_tokens=st.sampled_from([[], ["<s>", "a"], tokenizer_lib.SPECIAL_TOKENS]))
 def test_plain_and_fast_trainers_learn_the_same_merges(corpus_, vocab_size, special_tokens):
     # Small corpora run out of pairs well before 450 tokens: both must stop at the same merge.
     plain = bpe.train_plain(corpus_, vocab_size, special_tokens)
@@ -144,8 +144,8 @@ def test_plain_and_fast_trainers_learn_the_same_merges(corpus_, vocab_size, spec
 
 
 def test_plain_trainer_equals_library_on_shakespeare_excerpt(excerpt, small_tokenizer):
-    plain = bpe.train_plain(excerpt[0], 512, tokenizer.SPECIAL_TOKENS)  # ~150 KB, 240 merges: about a second
-    lib = tokenizer.load_tokenizer(small_tokenizer)
+    plain = bpe.train_plain(excerpt[0], 512, tokenizer_lib.SPECIAL_TOKENS)  # ~150 KB, 240 merges: about a second
+    lib = tokenizer_lib.load_tokenizer(small_tokenizer)
     assert plain.merges == library_merges(lib) and plain.vocab == lib.get_vocab()
 
 
@@ -154,7 +154,7 @@ def test_pre_tokenize_matches_the_library(text):
     # Letters from the newest Unicode release split differently (see bpe.py): keep the characters this
     # Python's unicodedata knows (Unicode 14 on 3.11), which both regex engines agree on.
     text = "".join(c for c in text if unicodedata.category(c) != "Cn")
-    lib = tokenizer.new_tokenizer().pre_tokenizer
+    lib = tokenizer_lib.new_tokenizer().pre_tokenizer
     assert bpe.pre_tokenize(text) == [w for w, _ in lib.pre_tokenize_str(text)]
 
 
@@ -162,16 +162,16 @@ def test_pre_tokenize_matches_the_library(text):
 
 @given(st.text(max_size=80))
 def test_roundtrip_any_unicode(small_tokenizer, text):
-    tok = tokenizer.load_tokenizer(small_tokenizer)
+    tok = tokenizer_lib.load_tokenizer(small_tokenizer)
     assert tok.decode(tok.encode(text).ids, skip_special_tokens=False) == text
     mine = bpe.ByteLevelBPE.from_tokenizer_json(small_tokenizer)
     assert mine.decode(mine.encode(text)) == text
 
 
 @settings(max_examples=10)
-@given(st.lists(st.one_of(st.text(max_size=20), st.sampled_from(tokenizer.SPECIAL_TOKENS)), max_size=6).map("".join))
+@given(st.lists(st.one_of(st.text(max_size=20), st.sampled_from(tokenizer_lib.SPECIAL_TOKENS)), max_size=6).map("".join))
 def test_tokenizers_and_transformers_give_the_same_ids(small_tokenizer, text):
-    lib, hf = tokenizer.load_tokenizer(small_tokenizer), tokenizer.load_hf_tokenizer(small_tokenizer)
+    lib, hf = tokenizer_lib.load_tokenizer(small_tokenizer), tokenizer_lib.load_hf_tokenizer(small_tokenizer)
     for s in (text, "<s>Hello</s><r3> world <r12>", "Hello", " Hello", "  two spaces"):
         assert hf.encode(s) == lib.encode(s).ids, f"transformers and tokenizers disagree on {s!r}"
     assert lib.encode("<s></s><r0><r12>").ids == [1, 2, 3, 15]
@@ -181,15 +181,15 @@ def test_tokenizers_and_transformers_give_the_same_ids(small_tokenizer, text):
 def test_max_chars_trains_on_the_first_documents_only(excerpt):
     docs = excerpt[0]
     limit = len(docs[0]) + len(docs[1]) + 1  # reached inside the third document: train on three
-    capped = tokenizer.train_tokenizer(docs, 400, max_chars=limit)
-    assert library_merges(capped) == library_merges(tokenizer.train_tokenizer(docs[:3], 400, max_chars=None))
-    assert library_merges(capped) != library_merges(tokenizer.train_tokenizer(docs, 400, max_chars=None))
+    capped = tokenizer_lib.train_tokenizer(docs, 400, max_chars=limit)
+    assert library_merges(capped) == library_merges(tokenizer_lib.train_tokenizer(docs[:3], 400, max_chars=None))
+    assert library_merges(capped) != library_merges(tokenizer_lib.train_tokenizer(docs, 400, max_chars=None))
 
 
 def test_vocab_size_limits(small_tokenizer, tmp_path):
     for bad in (100, 65537):
         with pytest.raises(DataError, match="vocab size"):
-            tokenizer.check_vocab_size(bad)
+            tokenizer_lib.check_vocab_size(bad)
     big = Tokenizer(models.WordLevel({f"t{i}": i for i in range(65537)}, unk_token="t0"))
     big.save(str(tmp_path / "big.json"))
     with pytest.raises(DataError, match="65536"):
@@ -201,15 +201,15 @@ def test_retraining_keeps_a_different_tokenizer_unless_forced(excerpt, tmp_path)
     docs = tmp_path / "docs.jsonl"
     write_jsonl(docs, excerpt[0][:5])
     out = tmp_path / "tokenizer.json"
-    tokenizer.train([str(docs)], 300, out)
+    tokenizer_lib.train([str(docs)], 300, out)
     before = out.read_bytes()
-    tokenizer.train([str(docs)], 300, out)  # the same tokenizer again: allowed, file unchanged
+    tokenizer_lib.train([str(docs)], 300, out)  # the same tokenizer again: allowed, file unchanged
     assert out.read_bytes() == before
     with pytest.raises(DataError, match="different tokenizer.*--force"):
-        tokenizer.train([str(docs)], 320, out)
+        tokenizer_lib.train([str(docs)], 320, out)
     assert out.read_bytes() == before
-    tokenizer.train([str(docs)], 320, out, force=True)
-    assert tokenizer.load_tokenizer(out).get_vocab_size() == 320
+    tokenizer_lib.train([str(docs)], 320, out, force=True)
+    assert tokenizer_lib.load_tokenizer(out).get_vocab_size() == 320
 
 
 # ---------------------------------------------------------------- corpora
@@ -301,7 +301,7 @@ def test_hub_unreachable_is_a_one_line_error(small_tokenizer, tmp_path):
 # ---------------------------------------------------------------- token files
 
 def split_at_eot(ids: np.ndarray) -> list[list[int]]:
-    ends = np.flatnonzero(ids == tokenizer.EOT_ID)
+    ends = np.flatnonzero(ids == tokenizer_lib.EOT_ID)
     assert len(ends) and ends[-1] == len(ids) - 1, "the file must end with </s>"
     return [chunk.tolist() for chunk in np.split(ids, ends + 1)[:-1]]
 
@@ -312,14 +312,14 @@ def test_token_files_decode_back_to_the_documents(excerpt, small_tokenizer, tmp_
     meta = prepare.prepare(str(tmp_path / "docs.jsonl"), small_tokenizer, tmp_path / "out", val_fraction=0.2,
                            batch_chars=10_000, progress=False)
     assert meta == prepare.load_meta(tmp_path / "out")
-    tok = tokenizer.load_tokenizer(small_tokenizer)
+    tok = tokenizer_lib.load_tokenizer(small_tokenizer)
     for split in ("train", "val"):
         expected = [d for d in docs if prepare.is_val(d, 0.2) == (split == "val")]
         ids = np.memmap(tmp_path / "out" / f"{split}.bin", dtype=np.uint16, mode="r")
         assert len(ids) == meta[f"{split}_tokens"] and meta[f"{split}_docs"] == len(expected) > 0
         decoded = [tok.decode(chunk, skip_special_tokens=False) for chunk in split_at_eot(np.asarray(ids))]
         assert decoded == [d + "</s>" for d in expected]
-    assert meta["tokenizer_sha256"] == tokenizer.tokenizer_sha256(small_tokenizer)
+    assert meta["tokenizer_sha256"] == tokenizer_lib.tokenizer_sha256(small_tokenizer)
     assert meta["dtype"] == "uint16" and meta["eot_id"] == 2 and meta["vocab_size"] == 512
 
 
@@ -364,7 +364,7 @@ def test_empty_corpus_is_an_error_and_overwrites_nothing(small_tokenizer, tmp_pa
     out_tok.write_bytes(small_tokenizer.read_bytes())
     for spec in (str(tmp_path / "empty.txt"), str(tmp_path / "blank.jsonl")):
         with pytest.raises(DataError, match="no text"):
-            tokenizer.train(spec, 512, out_tok)
+            tokenizer_lib.train(spec, 512, out_tok)
         with pytest.raises(DataError, match="no text"):
             prepare.prepare(spec, small_tokenizer, tmp_path / "out", progress=False)
     assert out_tok.read_bytes() == small_tokenizer.read_bytes()
@@ -378,7 +378,7 @@ def test_load_meta_and_tokenizer_mismatch(excerpt, small_tokenizer, tmp_path):
     write_jsonl(tmp_path / "docs.jsonl", excerpt[0][:30])
     prepare.prepare(str(tmp_path / "docs.jsonl"), small_tokenizer, out, val_fraction=0.2, progress=False)
     other = tmp_path / "other.json"
-    tokenizer.save_tokenizer(tokenizer.train_tokenizer(excerpt[0][:30], vocab_size=400), other)
+    tokenizer_lib.save_tokenizer(tokenizer_lib.train_tokenizer(excerpt[0][:30], vocab_size=400), other)
     meta = prepare.load_meta(out)
     with pytest.raises(DataError, match="another tokenizer") as error:
         prepare.check_tokenizer(meta, other, out)
@@ -397,16 +397,16 @@ def test_load_meta_and_tokenizer_mismatch(excerpt, small_tokenizer, tmp_path):
 def test_ensure_data_makes_what_is_missing_and_checks_the_rest(excerpt, tmp_path):
     write_jsonl(tmp_path / "docs.jsonl", excerpt[0][:60])
     spec, tok_path, data_dir = str(tmp_path / "docs.jsonl"), tmp_path / "tokenizer.json", tmp_path / "data"
-    meta = prepare.ensure_data(data_dir, tok_path, corpus=spec, vocab_size=400, val_fraction=0.2)
+    meta = prepare.ensure_data(data_dir, tok_path, corpus_spec=spec, vocab_size=400, val_fraction=0.2)
     assert tok_path.exists() and meta["vocab_size"] == 400 and meta["corpus"] == spec
     before = files_in(data_dir)
-    assert prepare.ensure_data(data_dir, tok_path, corpus=spec, vocab_size=400) == meta
+    assert prepare.ensure_data(data_dir, tok_path, corpus_spec=spec, vocab_size=400) == meta
     assert files_in(data_dir) == before, "a second call must not rewrite anything"
     with pytest.raises(DataError, match="not the 512 asked for"):
-        prepare.ensure_data(data_dir, tok_path, corpus=spec, vocab_size=512)
-    tokenizer.train(spec, 300, tok_path, force=True)  # the user retrains the tokenizer: the token files no longer match
+        prepare.ensure_data(data_dir, tok_path, corpus_spec=spec, vocab_size=512)
+    tokenizer_lib.train(spec, 300, tok_path, force=True)  # the user retrains the tokenizer: the token files no longer match
     with pytest.raises(DataError, match="another tokenizer"):
-        prepare.ensure_data(data_dir, tok_path, corpus=spec, vocab_size=300)
+        prepare.ensure_data(data_dir, tok_path, corpus_spec=spec, vocab_size=300)
     assert files_in(data_dir) == before
 
 
@@ -417,7 +417,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(excerpt, small_tokenizer, tmp_
     write_jsonl(tmp_path / "docs.jsonl", excerpt[0][:30])
     prepare.prepare(str(tmp_path / "docs.jsonl"), small_tokenizer, tmp_path / "out", val_fraction=0.2, progress=False)
     other = tmp_path / "other.json"
-    tokenizer.train(str(tmp_path / "docs.jsonl"), 300, other)
+    tokenizer_lib.train(str(tmp_path / "docs.jsonl"), 300, other)
     assert run_cli("prepare.py", "--check", "--out-dir", tmp_path / "out", "--tokenizer", small_tokenizer).returncode == 0
     result = run_cli("prepare.py", "--check", "--out-dir", tmp_path / "out", "--tokenizer", other)
     assert_one_line_error(result, f"error: the token files in {tmp_path / 'out'} were made by another tokenizer")

@@ -330,8 +330,8 @@ checkpoint.save(where, model, {{"step": 2}})
 
 @pytest.mark.parametrize("point", ["write", "swap"])
 def test_kill_while_saving_leaves_the_previous_checkpoint(tmp_path, point):
-    model_module = import_module("06_model.model")
-    model = model_module.LilLM(model_module.ModelConfig(vocab_size=64, d_model=32, n_layers=1, q_heads=4, kv_heads=2))
+    lillm = import_module("06_model.model")
+    model = lillm.LilLM(lillm.ModelConfig(vocab_size=64, d_model=32, n_layers=1, q_heads=4, kv_heads=2))
     where = tmp_path / "ckpt_latest"
     state = {"step": 1, "optimizer": {}, "rng": [], "data_position": 0, "config": {}, "tokenizer_sha256": "", "best_val_loss": 1.0}
     checkpoint.save(where, model, state)
