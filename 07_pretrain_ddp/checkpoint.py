@@ -135,7 +135,7 @@ def load_state(ckpt_dir) -> dict:
     """train_state.pt of the checkpoint `find` picks; CheckpointError if missing or unreadable."""
     path = _checked(ckpt_dir)
     try:
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)  # tensors read when used
     except Exception as e:  # the program's edge: any unreadable file becomes a one-line error
         raise _corrupt(path / STATE_FILE, e) from None
     missing = {"step", "optimizer", "rng", "data_position", "config", "tokenizer_sha256", "best_val_loss"} - set(state)
@@ -164,6 +164,29 @@ def save_run(out_dir: Path, model, train_state: dict, run, best: bool, write_wei
         save(out_dir / "ckpt_latest", model, dict(train_state, rng=rngs), write_weights)
         if best:
             save(out_dir / "ckpt_best", None, {}, like=out_dir / "ckpt_latest")
+
+
+def broadcast_state(state: dict | None, run) -> dict:
+    """The newest train state any rank read from its own disk, on every rank, with "source_rank" naming the
+    rank it came from. Nodes need not share a filesystem: a node without the checkpoint gets it here, and
+    where nodes hold different ones (global rank 0, the writer, can move between runs) the newest wins."""
+    if not run.ddp:
+        return dict(state, source_rank=0)
+    steps = [None] * run.world
+    dist.all_gather_object(steps, -1 if state is None else state["step"])
+    source = max(range(run.world), key=lambda r: (steps[r], -r))  # the highest step; the lowest rank of those
+    if steps[source] < 0:
+        raise CheckpointError("--resume, but no node holds a checkpoint in its --out_dir; start a new run without --resume")
+    box = [state]
+    dist.broadcast_object_list(box, src=source)
+    return dict(box[0], source_rank=source)
+
+
+def broadcast_weights(model, source: int, run) -> None:
+    """Every tensor of `model` from rank `source`, which loaded the checkpoint (DDP would copy rank 0's)."""
+    if run.ddp:
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=source)
 
 
 def check_resume(state: dict, model_config, saved_config, tokenizer_sha256: str, where: str) -> None:
@@ -204,6 +227,8 @@ class StopOnSignal:
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        if "SIGTERM" in self.received:  # a stopping run: a SIGTERM still on its way must not kill it on its way out
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

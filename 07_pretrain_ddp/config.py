@@ -10,6 +10,8 @@ Demo: python 07_pretrain_ddp/config.py --help
 """
 
 import argparse
+import os
+import shutil
 import subprocess
 import sys
 from contextlib import contextmanager, nullcontext
@@ -24,6 +26,7 @@ if str(ROOT) not in sys.path:
 corpus = import_module("01_tokenizer.corpus")
 lillm = import_module("06_model.model")
 checkpoint = import_module("07_pretrain_ddp.checkpoint")
+data = import_module("07_pretrain_ddp.data")
 
 MODEL_FIELDS = ("d_model", "n_layers", "q_heads", "kv_heads", "max_seq_len", "multiple_of", "dropout")
 FULL = dict(  # the seed's recipe: the 39.6M model, 524,288 tokens per step, ~10B tokens of OpenWebText
@@ -33,7 +36,7 @@ FULL = dict(  # the seed's recipe: the 39.6M model, 524,288 tokens per step, ~10
     lr=6e-4, min_lr=6e-5, warmup_steps=715,  # warmup: GPT-3's 375M tokens
     weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_tokens=2**20, log_interval=10,
     seed=1337, device="auto", dtype="auto", compile=True, peak_tflops=0.0,
-    wandb=False, wandb_project="lillm", sample_tokens=200, prompt="", stop_at=0, resume=False,
+    wandb=False, wandb_project="lillm", sample_tokens=200, prompt="", stop_at=0, resume=False, dist_timeout=30.0,
 )
 PRESETS = {
     "cpu": dict(FULL, corpus="shakespeare", data_dir="data/shakespeare", tokenizer="data/tokenizer.json",
@@ -42,7 +45,11 @@ PRESETS = {
                 eval_interval=150, eval_tokens=2**15, compile=False),
     "full": FULL,
 }
-PER_INVOCATION = ("resume", "stop_at")  # belong to one command, not to the run: never taken from a checkpoint
+DRY_RUN = dict(  # --dry_run: a tiny model for a few steps, with the preset's dtype, compile, optimizer and batch arithmetic
+    d_model=64, n_layers=2, q_heads=4, kv_heads=2, max_seq_len=64, multiple_of=32, batch_size=2, max_steps=3,
+    warmup_steps=1, eval_interval=3, eval_tokens=256, log_interval=1, sample_tokens=8, dtype="bfloat16",
+)
+PER_INVOCATION = ("resume", "stop_at", "dry_run")  # belong to one command, not to the run: never taken from a checkpoint
 
 
 class TrainError(Exception):
@@ -79,6 +86,7 @@ def add_training_flags(flag) -> None:
     flag("device", "auto: cuda:LOCAL_RANK if there is a GPU, else cpu", choices=["auto", "cpu", "cuda"])
     flag("dtype", "auto: bfloat16 autocast on GPU, float32 on CPU", choices=["auto", "float32", "bfloat16"])
     flag("stop_at", "save and exit at this step as on SIGTERM, the schedule still ending at max_steps (job slots); 0: off", type=int)
+    flag("dist_timeout", "minutes a rank waits for the others in a collective before the run fails", type=float)
 
 
 def parse_args(argv=None) -> dict:
@@ -103,6 +111,8 @@ def parse_args(argv=None) -> dict:
     flag("wandb_project", "Weights & Biases project")
     flag("sample_tokens", "tokens to generate from the trained model at the end; 0: none", type=int)
     flag("prompt", "text the end-of-run sample continues (after </s>, i.e. at a document start)")
+    parser.add_argument("--dry_run", action="store_true", help="check the preset's whole code path (bf16 autocast, compile, "
+                        "fused AdamW, the global batch) on a tiny model for 3 steps, into OUT_DIR/dry_run; runs on a CPU too")
     return vars(parser.parse_args(argv))
 
 
@@ -116,10 +126,12 @@ def resolve(given: dict, defaults: dict, saved: dict | None, frozen: tuple, posi
         if changed:
             raise TrainError(f"--resume with a different model config: {', '.join(changed)}")
         cfg = dict(saved)
-    cfg.update({k: False if k == "resume" else 0 for k in PER_INVOCATION}, **given)
+    cfg.update({k: 0 if k == "stop_at" else False for k in PER_INVOCATION}, **given)
     for k in ("batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval", *positive):
         if cfg[k] < 1:
             raise TrainError(f"--{k} {cfg[k]}: must be at least 1")
+    if cfg["dist_timeout"] <= 0:
+        raise TrainError(f"--dist_timeout {cfg['dist_timeout']}: must be positive (minutes)")
     for k in ("weight_decay", "grad_clip", "stop_at"):
         if cfg[k] < 0:
             raise TrainError(f"--{k} {cfg[k]}: must not be negative")
@@ -140,7 +152,16 @@ def resolve_config(given: dict, saved: dict | None = None) -> dict:
     given = {k: v for k, v in given.items() if k != "preset"}
     if "grad_accum" in given:
         given["global_batch_tokens"] = 0  # an explicit accumulation count replaces the preset's global batch
+    if given.get("dry_run"):  # the preset's code path at a size that runs in seconds (only flags given stay)
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        out_dir = Path(given.get("out_dir", PRESETS[preset]["out_dir"])) / "dry_run"
+        given = {**DRY_RUN, "global_batch_tokens": DRY_RUN["batch_size"] * DRY_RUN["max_seq_len"] * world * 2, **given,
+                 "out_dir": str(out_dir)}
     cfg = resolve(given, dict(PRESETS[preset], preset=preset), saved, MODEL_FIELDS, ("eval_tokens",))
+    if cfg["preset"] == "full" and cfg["device"] == "auto" and not cfg["dry_run"] and not torch.cuda.is_available():
+        raise TrainError("the full preset is the seed's GPU recipe (524,288 tokens per step: hours per step on a CPU) and "
+                         "torch sees no GPU; use --preset cpu, add --dry_run to check its code path in seconds, "
+                         "or pass --device cpu to run it here anyway")
     for k in ("global_batch_tokens", "sample_tokens", "peak_tflops"):
         if cfg[k] < 0:
             raise TrainError(f"--{k} {cfg[k]}: must not be negative")
@@ -173,16 +194,34 @@ def precision(cfg: dict, device: torch.device) -> tuple:
 
 
 def start(given: dict, resolve_fn) -> tuple:
-    """(config, train state or None): a fresh run, or with --resume the state of OUT_DIR/ckpt_latest.
-    A fresh run never writes over an existing one."""
+    """(config, train state or None) of this process, before any process group exists. A fresh run never
+    writes over an existing one. With --resume, a process whose disk holds OUT_DIR/ckpt_latest reads it; one
+    under torchrun whose disk does not (another node's) starts from the flags and gets the state in launch."""
     cfg = resolve_fn(given)
     latest = Path(cfg["out_dir"]) / "ckpt_latest"
-    if given.get("resume"):
-        state = checkpoint.load_state(latest)
+    if cfg.get("dry_run"):  # its own directory, OUT_DIR/dry_run: each dry run starts afresh
+        shutil.rmtree(cfg["out_dir"], ignore_errors=True)
+    if not given.get("resume"):
+        if checkpoint.find(latest) or checkpoint.find(latest.with_name("ckpt_best")):
+            raise TrainError(f"{cfg['out_dir']} already holds a checkpoint: pass --resume to continue it, or another --out_dir")
+        return cfg, None
+    if "RANK" not in os.environ or checkpoint.find(latest):
+        state = checkpoint.load_state(latest)  # one process alone: its CheckpointError says what is missing
         return resolve_fn(given, state["config"]), state
-    if checkpoint.find(latest) or checkpoint.find(latest.with_name("ckpt_best")):
-        raise TrainError(f"{cfg['out_dir']} already holds a checkpoint: pass --resume to continue it, or another --out_dir")
     return cfg, None
+
+
+def launch(given: dict, resolve_fn, build, stage):
+    """What every stage runs: its config; build(cfg) under data.build_once, before any process group, so no
+    collective's timeout can kill a long build; then the stage, inside the process group, with the train
+    state when resuming. Returns what stage(cfg, state, run) returns."""
+    cfg, state = start(given, resolve_fn)
+    data.build_once(cfg["data_dir"], lambda: build(cfg))
+    with data.distributed(cfg["device"], cfg["dist_timeout"]) as run:
+        if given.get("resume"):
+            state = checkpoint.broadcast_state(state, run)  # the newest checkpoint any node holds
+            cfg = resolve_fn(given, state["config"])
+        return stage(cfg, state, run)
 
 
 @contextmanager

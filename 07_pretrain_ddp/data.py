@@ -13,9 +13,10 @@ window from each), and the whole state is one integer: how many windows of the s
 consumed. That integer goes into the
 checkpoint; it does not depend on B or W, so a run may resume with another batch size or world size.
 
-Also here, the process setup every trainer starts with: `distributed` reads torchrun's environment
-(RANK, LOCAL_RANK, WORLD_SIZE) and joins the process group, and `load_data` builds the token files
-with lesson 01 when they are missing, once per node, while the other ranks wait.
+Also here, the process setup every trainer starts with: `build_once` builds what is missing (lesson
+01's token files) before any process group exists, one builder per filesystem under a file lock, so
+that a build of hours meets no collective's timeout; then `distributed` reads torchrun's environment
+(RANK, LOCAL_RANK, WORLD_SIZE) and joins the process group, with an explicit timeout.
 
 Left out on purpose: document masking (a window can span two documents joined by </s>, as in GPT
 pretraining), random window offsets per epoch, sharded files.
@@ -23,9 +24,11 @@ pretraining), random window offsets per epoch, sharded files.
 Demo: python 07_pretrain_ddp/data.py
 """
 
+import fcntl
 import os
 import sys
 from contextlib import contextmanager
+from datetime import timedelta
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
@@ -118,8 +121,9 @@ class Run:
 
 
 @contextmanager
-def distributed(device_flag: str):
-    """The Run of this process; under torchrun, inside a process group that is destroyed on the way out."""
+def distributed(device_flag: str, timeout_minutes: float = 30):
+    """The Run of this process; under torchrun, inside a process group that is destroyed on the way out.
+    timeout_minutes bounds every collective: how long a rank waits for the others (NCCL's default is 10)."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
     if device_flag == "cuda" and not torch.cuda.is_available():
@@ -130,7 +134,8 @@ def distributed(device_flag: str):
         if use_cuda:
             torch.cuda.set_device(device)
         # NCCL moves GPU tensors over NVLink/InfiniBand; Gloo moves CPU tensors over TCP.
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
+                                timeout=timedelta(minutes=timeout_minutes))
     try:
         yield Run(ddp, rank, local_rank, world, device)
         if ddp:  # leave together: a rank that tears the group down while another still uses it can abort (Gloo)
@@ -156,27 +161,26 @@ def eval_batches(val: TokenWindows, eval_tokens: int, batch_size: int, run: Run)
     return [val.batch(ids[i : i + batch_size], run.device) for i in range(0, len(ids), batch_size)]
 
 
-def build_then_barrier(build, builder: bool, run: Run) -> None:
-    """Run build() on the builder rank while the others wait at a barrier. Its DataError is raised after the
-    barrier, so the other ranks are not left waiting for a rank that died."""
-    error = None
-    if builder:
-        try:
-            build()
-        except prepare.DataError as e:
-            error = e
-    if run.ddp:
-        dist.barrier()
-    if error:
-        raise error
+def build_once(directory, build) -> None:
+    """build() under an exclusive lock on directory/.build.lock. Every process calls it before the process
+    group exists: of those that share a filesystem (a node's ranks, or every node's on a shared one) the first
+    builds and the others, once they hold the lock, find the files there (build must skip what exists). No
+    collective waits meanwhile, so no timeout applies; the lock dies with its holder, never left stale."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    with open(Path(directory) / ".build.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        build()
 
 
-def load_data(cfg: dict, run: Run) -> dict:
-    """Lesson 01's meta dict; its token files are built first (once per node) when missing."""
-    builder = run.local_rank == 0 and not (Path(cfg["data_dir"]) / "meta.json").exists()
-    if builder:
+def build_token_files(cfg: dict) -> None:
+    """Lesson 01's tokenizer and token files for cfg, when missing (run through build_once)."""
+    if not (Path(cfg["data_dir"]) / "meta.json").exists():  # present: load_data checks it
         print(f"no token files in {cfg['data_dir']}: building them with lesson 01 from corpus {cfg['corpus']!r}")
-    build_then_barrier(lambda: prepare.ensure_data(cfg["data_dir"], cfg["tokenizer"], cfg["corpus"]), builder, run)
+        prepare.ensure_data(cfg["data_dir"], cfg["tokenizer"], cfg["corpus"])
+
+
+def load_data(cfg: dict) -> dict:
+    """Lesson 01's meta dict for the token files build_token_files made, checked against the tokenizer."""
     meta = prepare.load_meta(cfg["data_dir"])
     tokenizer_lib.load_tokenizer(cfg["tokenizer"])  # a one-line DataError if it is missing or unreadable
     prepare.check_tokenizer(meta, cfg["tokenizer"], cfg["data_dir"])

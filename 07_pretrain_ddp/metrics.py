@@ -12,6 +12,7 @@ Demo: python 07_pretrain_ddp/metrics.py   (writes /tmp/lillm_loss_demo.png)
 """
 
 import json
+import re
 import sys
 import timeit
 from importlib import import_module
@@ -30,7 +31,16 @@ tokenizer_lib = import_module("01_tokenizer.tokenizer")
 generate = import_module("06_model.generate")
 config = import_module("07_pretrain_ddp.config")
 
-GPU_PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10G": 70, "L4": 121, "4090": 165}  # dense bf16
+# Dense bf16 tensor-core TFLOP/s from NVIDIA's data sheets, matched against torch.cuda.get_device_name:
+# the first pattern that matches wins, so the specific parts (H100 PCIe, L40S) come before the general ones.
+# Another GPU: MFU is not shown unless --peak_tflops gives its figure.
+GPU_PEAK_TFLOPS = [
+    (r"H100.*(PCIe|PCIE)", 756), (r"H100 NVL", 835), (r"H100", 989),  # H100 SXM5
+    (r"H200 NVL", 835), (r"H200", 989),  # H200 SXM
+    (r"B200", 2250), (r"A100", 312), (r"\bA10\b", 125),
+    (r"L40S", 362), (r"L40\b", 181), (r"\bL4\b", 121),
+    (r"RTX 4090", 165), (r"RTX 3090", 71),
+]
 
 
 def peak_flops(device: torch.device, dtype: str, given_tflops: float = 0.0) -> float:
@@ -39,7 +49,7 @@ def peak_flops(device: torch.device, dtype: str, given_tflops: float = 0.0) -> f
         return given_tflops * 1e12
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        tflops = next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), 0)
+        tflops = next((v for pattern, v in GPU_PEAK_TFLOPS if re.search(pattern, name)), 0)
         return tflops * 1e12 * (1.0 if dtype == "bfloat16" else 0.5)  # float32 matmuls run as TF32: half rate
     a = torch.ones(1024, 1024)  # not randn: drawing from the RNG here would shift a resumed run's dropout masks
     a @ a  # warm-up: thread pool and caches

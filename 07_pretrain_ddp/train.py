@@ -182,13 +182,16 @@ def wrap_ddp(model, run):
 def pretrain(cfg: dict, state: dict | None, run) -> dict:
     B, T, W, A = cfg["batch_size"], cfg["max_seq_len"], run.world, config.set_grad_accum(cfg, run.world)
     dtype, autocast = config.precision(cfg, run.device)
-    meta = data.load_data(cfg, run)
+    meta = data.load_data(cfg)
     model_cfg = config.model_config(cfg, meta["vocab_size"])
     train_data, val_data = data.token_windows(cfg["data_dir"], meta, T)
     torch.manual_seed(cfg["seed"] + run.rank)  # different dropout masks per rank; DDP copies rank 0's weights anyway
-    model = lillm.LilLM(model_cfg).to(run.device) if state is None else checkpoint.load_model(Path(cfg["out_dir"]) / "ckpt_latest", run.device)
-    if state is not None:
+    model = lillm.LilLM(model_cfg).to(run.device)
+    if state is not None:  # the rank whose disk holds the checkpoint loads it and sends its weights to all
+        if run.rank == state["source_rank"]:
+            model = checkpoint.load_model(Path(cfg["out_dir"]) / "ckpt_latest", run.device)
         checkpoint.check_resume(state, model_cfg, model.config, meta["tokenizer_sha256"], cfg["data_dir"])
+        checkpoint.broadcast_weights(model, state["source_rank"], run)
     optimizer = make_optimizer(model, cfg["lr"], cfg["weight_decay"], run.device)
     step, best_val, position = (0, float("inf"), 0) if state is None else checkpoint.restore(state, optimizer, run)
     if run.device.type == "cuda":
@@ -215,9 +218,7 @@ def pretrain(cfg: dict, state: dict | None, run) -> dict:
 def main(argv=None) -> None:
     """Flags -> config -> train; bad input becomes one line on stderr (`error: ...`) and exit code 2."""
     with config.one_line_errors():
-        cfg, state = config.start(config.parse_args(argv), config.resolve_config)
-        with data.distributed(cfg["device"]) as run:
-            pretrain(cfg, state, run)
+        config.launch(config.parse_args(argv), config.resolve_config, data.build_token_files, pretrain)
 
 
 if __name__ == "__main__":

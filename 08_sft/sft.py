@@ -52,8 +52,6 @@ def finetune(cfg: dict, state: dict | None, run) -> dict:
     tokenizer_path = template.find_tokenizer(cfg["base"], cfg["tokenizer"])
     model, fmt = load_base(cfg, run.device, tokenizer_path)
     max_len, B, A = model.config.max_seq_len, cfg["batch_size"], cfg["grad_accum"]
-    # The offline instruction set is built once, by rank 0, before the others read it.
-    data.build_then_barrier(lambda: chat_data.default_data(cfg["data_dir"]), run.master and not cfg["data"] and not cfg["hf_dataset"], run)
     train_convs, val_convs = chat_data.train_val_conversations(*(cfg[k] for k in ("data", "val_data", "hf_dataset", "hf_split",
                                                                                   "hf_limit", "data_dir", "val_fraction")))
     examples, counts = chat_data.encode_all(fmt, train_convs, max_len)
@@ -68,10 +66,12 @@ def finetune(cfg: dict, state: dict | None, run) -> dict:
     dtype, autocast = config.precision(cfg, run.device)
 
     torch.manual_seed(cfg["seed"])  # the same adapters' initialization on every rank
-    if state is not None:
+    if state is not None and run.rank == state["source_rank"]:  # its disk holds the checkpoint
         model = load_trained(cfg, Path(cfg["out_dir"]) / "ckpt_latest", run.device, model)
     elif cfg["lora"]:
         lora.apply_lora(model, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_targets"].split(","))
+    if state is not None:
+        checkpoint.broadcast_weights(model, state["source_rank"], run)
     torch.manual_seed(cfg["seed"] + run.rank)  # different dropout masks per rank
     optimizer = train.make_optimizer(model, cfg["lr"], cfg["weight_decay"], run.device)
     step, best_val, position = (0, float("inf"), 0) if state is None else checkpoint.restore(state, optimizer, run)
@@ -151,6 +151,7 @@ DEFAULTS = dict(
     lora=False, lora_rank=8, lora_alpha=16.0, lora_targets="wq,wk,wv,wo",
     batch_size=8, grad_accum=1, max_steps=200, lr=None, min_lr=None, warmup_steps=10, weight_decay=0.0, grad_clip=1.0,
     eval_interval=50, log_interval=10, eval_prompts=64, answer_tokens=48, seed=1337, device="auto", dtype="auto", stop_at=0,
+    dist_timeout=30.0,
 )
 SHAPE = ("base", "lora", "lora_rank", "lora_alpha", "lora_targets")  # what a resumed run may not change
 
@@ -190,9 +191,13 @@ def resolve_config(given: dict, saved: dict | None = None) -> dict:
 def main(argv=None) -> dict:
     """Flags -> config -> fine-tune, with lesson 07's one-line errors (exit code 2) for bad input."""
     with config.one_line_errors():
-        cfg, state = config.start(parse_args(argv), resolve_config)
-        with data.distributed(cfg["device"]) as run:
-            return finetune(cfg, state, run)
+        return config.launch(parse_args(argv), resolve_config, build_instruction_set, finetune)
+
+
+def build_instruction_set(cfg: dict) -> None:
+    """The offline instruction set, built when no --data or --hf_dataset is given (run through build_once)."""
+    if not (cfg["data"] or cfg["hf_dataset"]):
+        chat_data.default_data(cfg["data_dir"])
 
 
 if __name__ == "__main__":
