@@ -36,7 +36,7 @@ FULL = dict(  # the seed's recipe: the 39.6M model, 524,288 tokens per step, ~10
     lr=6e-4, min_lr=6e-5, warmup_steps=715,  # warmup: GPT-3's 375M tokens
     weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_tokens=2**20, log_interval=10,
     seed=1337, device="auto", dtype="auto", compile=True, peak_tflops=0.0,
-    wandb=False, wandb_project="lillm", sample_tokens=200, prompt="", stop_at=0, resume=False, dist_timeout=30.0,
+    wandb=False, wandb_project="lillm", sample_tokens=200, prompt="", stop_at=0, resume=False, dry_run=False, dist_timeout=30.0,
 )
 PRESETS = {
     "cpu": dict(FULL, corpus="shakespeare", data_dir="data/shakespeare", tokenizer="data/tokenizer.json",
@@ -126,7 +126,7 @@ def resolve(given: dict, defaults: dict, saved: dict | None, frozen: tuple, posi
         if changed:
             raise TrainError(f"--resume with a different model config: {', '.join(changed)}")
         cfg = dict(saved)
-    cfg.update({k: 0 if k == "stop_at" else False for k in PER_INVOCATION}, **given)
+    cfg.update({k: defaults[k] for k in PER_INVOCATION if k in defaults}, **given)
     for k in ("batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval", *positive):
         if cfg[k] < 1:
             raise TrainError(f"--{k} {cfg[k]}: must be at least 1")
@@ -152,7 +152,7 @@ def resolve_config(given: dict, saved: dict | None = None) -> dict:
     given = {k: v for k, v in given.items() if k != "preset"}
     if "grad_accum" in given:
         given["global_batch_tokens"] = 0  # an explicit accumulation count replaces the preset's global batch
-    if given.get("dry_run"):  # the preset's code path at a size that runs in seconds (only flags given stay)
+    if given.get("dry_run"):  # the preset's code path at a size that runs in a minute (flags given still win)
         world = int(os.environ.get("WORLD_SIZE", 1))
         out_dir = Path(given.get("out_dir", PRESETS[preset]["out_dir"])) / "dry_run"
         given = {**DRY_RUN, "global_batch_tokens": DRY_RUN["batch_size"] * DRY_RUN["max_seq_len"] * world * 2, **given,
@@ -160,7 +160,7 @@ def resolve_config(given: dict, saved: dict | None = None) -> dict:
     cfg = resolve(given, dict(PRESETS[preset], preset=preset), saved, MODEL_FIELDS, ("eval_tokens",))
     if cfg["preset"] == "full" and cfg["device"] == "auto" and not cfg["dry_run"] and not torch.cuda.is_available():
         raise TrainError("the full preset is the seed's GPU recipe (524,288 tokens per step: hours per step on a CPU) and "
-                         "torch sees no GPU; use --preset cpu, add --dry_run to check its code path in seconds, "
+                         "torch sees no GPU; use --preset cpu, add --dry_run to check its code path in a minute, "
                          "or pass --device cpu to run it here anyway")
     for k in ("global_batch_tokens", "sample_tokens", "peak_tflops"):
         if cfg[k] < 0:

@@ -13,6 +13,7 @@ Commands (from the repository root; README.md has the full recipe, multi-node in
     python 07_pretrain_ddp/train.py                            # CPU preset, ~10 min on 2 cores, fresh clone
     torchrun --standalone --nproc_per_node=8 07_pretrain_ddp/train.py --preset full  # 8 GPUs (grad_accum 4)
     python 07_pretrain_ddp/train.py --resume                   # continue out/ckpt_latest exactly
+    python 07_pretrain_ddp/train.py --preset full --dry_run    # the full recipe's code path, tiny, in a minute
 Plumbing sits beside this file: config.py (presets, flags), data.py (token windows, process setup),
 checkpoint.py (atomic saves, resume), metrics.py (metrics.jsonl, the plot, MFU, the final sample).
 Left out on purpose: FSDP/tensor parallelism (the model fits one GPU), fp16 with loss scaling,

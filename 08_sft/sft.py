@@ -150,7 +150,7 @@ DEFAULTS = dict(
     hf_limit=0, data_dir="data/sft", val_fraction=0.05, out_dir="out/sft", pack=True,
     lora=False, lora_rank=8, lora_alpha=16.0, lora_targets="wq,wk,wv,wo",
     batch_size=8, grad_accum=1, max_steps=200, lr=None, min_lr=None, warmup_steps=10, weight_decay=0.0, grad_clip=1.0,
-    eval_interval=50, log_interval=10, eval_prompts=64, answer_tokens=48, seed=1337, device="auto", dtype="auto", stop_at=0,
+    eval_interval=50, log_interval=10, eval_prompts=64, answer_tokens=48, seed=1337, device="auto", dtype="auto", stop_at=0, resume=False,
     dist_timeout=30.0,
 )
 SHAPE = ("base", "lora", "lora_rank", "lora_alpha", "lora_targets")  # what a resumed run may not change
