@@ -124,7 +124,9 @@ def export_hf(model, tokenizer_path, out_dir, dtype: torch.dtype = torch.float32
     (out_dir / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}, indent=2))
     shutil.copyfile(tokenizer_path, out_dir / "tokenizer.json")
-    special = {key: token for key, (token, _) in SPECIAL.items()}
+    # pad inside the vocabulary (</s>, as generation_config pads): without one, lm-evaluation-harness adds a
+    # token past the embedding table
+    special = {key: token for key, (token, _) in SPECIAL.items()} | {"pad_token": "</s>"}
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast",  # the generic tokenizer.json wrapper: no custom code

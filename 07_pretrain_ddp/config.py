@@ -36,7 +36,7 @@ FULL = dict(  # the seed's recipe: the 39.6M model, 524,288 tokens per step, ~10
     lr=6e-4, min_lr=6e-5, warmup_steps=715,  # warmup: GPT-3's 375M tokens
     weight_decay=0.1, grad_clip=1.0, eval_interval=250, eval_tokens=2**20, log_interval=10,
     seed=1337, device="auto", dtype="auto", compile=True, peak_tflops=0.0,
-    wandb=False, wandb_project="lillm", sample_tokens=200, prompt="", stop_at=0, resume=False, dry_run=False, dist_timeout=30.0,
+    wandb=False, wandb_project="lillm", sample_tokens=200, final_eval=True, prompt="", stop_at=0, resume=False, dry_run=False, dist_timeout=30.0,
 )
 PRESETS = {
     "cpu": dict(FULL, corpus="shakespeare", data_dir="data/shakespeare", tokenizer="data/tokenizer.json",
@@ -47,7 +47,7 @@ PRESETS = {
 }
 DRY_RUN = dict(  # --dry_run: a tiny model for a few steps, with the preset's dtype, compile, optimizer and batch arithmetic
     d_model=64, n_layers=2, q_heads=4, kv_heads=2, max_seq_len=64, multiple_of=32, batch_size=2, max_steps=3,
-    warmup_steps=1, eval_interval=3, eval_tokens=256, log_interval=1, sample_tokens=8, dtype="bfloat16",
+    warmup_steps=1, eval_interval=3, eval_tokens=256, log_interval=1, sample_tokens=8, final_eval=False, dtype="bfloat16",
 )
 PER_INVOCATION = ("resume", "stop_at", "dry_run")  # belong to one command, not to the run: never taken from a checkpoint
 
@@ -111,6 +111,7 @@ def parse_args(argv=None) -> dict:
     flag("wandb_project", "Weights & Biases project")
     flag("sample_tokens", "tokens to generate from the trained model at the end; 0: none", type=int)
     flag("prompt", "text the end-of-run sample continues (after </s>, i.e. at a document start)")
+    flag("final_eval", "end with lesson 09's benchmark table of ckpt_best (python 09_eval/eval.py)", action=argparse.BooleanOptionalAction)
     parser.add_argument("--dry_run", action="store_true", help="check the preset's whole code path (bf16 autocast, compile, "
                         "fused AdamW, the global batch) on a tiny model for 3 steps, into OUT_DIR/dry_run; runs on a CPU too")
     return vars(parser.parse_args(argv))

@@ -34,24 +34,28 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+tokenizer_lib = import_module("01_tokenizer.tokenizer")
 lillm = import_module("06_model.model")
 config = import_module("07_pretrain_ddp.config")
 data = import_module("07_pretrain_ddp.data")
 checkpoint = import_module("07_pretrain_ddp.checkpoint")
 metrics = import_module("07_pretrain_ddp.metrics")
+bpb = import_module("09_eval.bpb")  # lesson 09's bits per byte: the one later lesson the trainer reports with
 IGNORE = -100  # the target of a position that is not trained on (the model's ignore_index)
 
 
-def fit(model, train_model, optimizer, next_micro_batches, val_batches, cfg: dict, run, log: metrics.Metrics,
+def fit(model, train_model, optimizer, next_micro_batches, val_batches, token_bytes, cfg: dict, run, log: metrics.Metrics,
         start: tuple, train_state: dict, autocast=nullcontext(), flops_per_token: float = 0.0, peak: float = 0.0,
         write_weights=None) -> dict:
     """The loop: steps, evaluations, checkpoints, stop signals. Values stay on the device between log steps
-    (every log_interval steps and at evaluations), so a GPU never waits for the host inside a step."""
+    (every log_interval steps and at evaluations), so a GPU never waits for the host inside a step.
+    token_bytes (vocab,): the bytes each token id spells, for bits per byte beside the validation loss."""
     out_dir, (step, best_val, sampler) = Path(cfg["out_dir"]), start
     pending, t0 = [], time.perf_counter()  # this log window's (lr, loss_sum, n, grad_norm, tokens) per step
     with checkpoint.StopOnSignal() as signals:
         if step == 0:
-            log.write({"step": 0, "val_loss": evaluate(train_model, val_batches, run, autocast)})
+            val_loss, val_bpb = evaluate(train_model, val_batches, run, autocast, token_bytes)
+            log.write({"step": 0, "val_loss": val_loss, "val_bpb": val_bpb})
         while step < cfg["max_steps"]:
             lr = lr_at(step, cfg["lr"], cfg["min_lr"], cfg["warmup_steps"], cfg["max_steps"])
             for group in optimizer.param_groups:
@@ -79,12 +83,12 @@ def fit(model, train_model, optimizer, next_micro_batches, val_batches, cfg: dic
             if step % cfg["log_interval"] == 0 or step == 1:
                 log.progress(record, cfg["max_steps"])
             if evaluated:
-                record["val_loss"] = evaluate(train_model, val_batches, run, autocast)
+                record["val_loss"], record["val_bpb"] = evaluate(train_model, val_batches, run, autocast, token_bytes)
                 if not math.isfinite(record["val_loss"]):
                     raise config.TrainError(f"validation loss is {record['val_loss']} at step {step}; stopped without saving")
                 is_best, best_val = record["val_loss"] < best_val, min(best_val, record["val_loss"])
                 if run.master:
-                    print(f"step {step}: val loss {record['val_loss']:.4f}{' (best so far)' if is_best else ''}")
+                    print(f"step {step}: val loss {record['val_loss']:.4f}, {record['val_bpb']:.4f} bits per byte{' (best so far)' if is_best else ''}")
             log.write(record)  # before the checkpoint: a resume drops records past the checkpoint's step
             if evaluated or stop or stop_at:
                 state = dict(train_state, step=step, optimizer=optimizer.state_dict(), data_position=sampler.position,
@@ -129,21 +133,13 @@ def train_step(model, train_model, optimizer, micro_batches, run, grad_clip: flo
     return loss_sum, n_global, grad_norm
 
 
-@torch.no_grad()
-def evaluate(model, batches, run, autocast) -> float:
-    """Mean cross-entropy over every target token of this rank's batches and the other ranks'."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, device=run.device)  # (summed token losses, tokens)
-    for x, y in batches:
-        n = (y != IGNORE).sum()
-        with autocast:
-            _, loss = model(x, y)
-        total += torch.stack([loss.float() * n, n.float()])
+def evaluate(model, batches, run, autocast, token_bytes) -> tuple:
+    """(mean cross-entropy per target token, bits per byte) over this rank's batches and the other ranks'."""
+    total = bpb.loss_sums(model, batches, token_bytes, autocast)  # (summed nats, bytes, tokens)
     if run.ddp:
         dist.all_reduce(total)  # sums over ranks, then one division: every rank gets the same mean
-    model.train(was_training)
-    return (total[0] / total[1]).item()
+    nats, n_bytes, tokens = total.tolist()
+    return nats / tokens, nats / (math.log(2) * n_bytes) if n_bytes else float("nan")
 
 
 def lr_at(step: int, max_lr: float, min_lr: float, warmup: int, max_steps: int) -> float:
@@ -208,11 +204,15 @@ def pretrain(cfg: dict, state: dict | None, run) -> dict:
         f"{model.num_params():,} parameters, vocab {model_cfg.vocab_size:,}, on {run.device} in {dtype}, {W} process(es); "
         f"train.bin holds {train_data.n_windows:,} windows: one epoch = {train_data.n_windows / (B * A * W):,.1f} steps"])
     log = metrics.Metrics(Path(cfg["out_dir"]) / "metrics.jsonl", step, run.master, cfg if cfg["wandb"] else None)
+    token_bytes = bpb.token_byte_lengths(tokenizer_lib.load_tokenizer(cfg["tokenizer"]), model_cfg.vocab_size)
     result = fit(model, train_model, optimizer, lambda: [train_data.batch(sampler.next_ids(), run.device) for _ in range(A)],
-                 val_batches, cfg, run, log, (step, best_val, sampler), {"tokenizer_sha256": meta["tokenizer_sha256"]},
+                 val_batches, token_bytes, cfg, run, log, (step, best_val, sampler), {"tokenizer_sha256": meta["tokenizer_sha256"]},
                  autocast, model.flops_per_token(T), peak)
     if run.master and result["finished"] and cfg["sample_tokens"]:
         print(f"sample (temperature 0.8, top-k 200):\n{metrics.sample(model, cfg['tokenizer'], cfg['prompt'], cfg['sample_tokens'], cfg['seed'], run.device)}")
+    if run.master and result["finished"] and cfg["final_eval"]:  # lesson 09's table: what the model can do
+        import_module("09_eval.eval").run_eval(Path(cfg["out_dir"]) / "ckpt_best", cfg["tokenizer"], data_dir=cfg["data_dir"],
+                                               device=str(run.device))
     return result
 
 

@@ -46,6 +46,7 @@ template = import_module("08_sft.template")
 lora = import_module("08_sft.lora")
 chat_data = import_module("08_sft.chat_data")
 evaluate = import_module("08_sft.evaluate")
+bpb = import_module("09_eval.bpb")  # bits per byte of the answers, beside their loss
 
 
 def finetune(cfg: dict, state: dict | None, run) -> dict:
@@ -97,8 +98,9 @@ def finetune(cfg: dict, state: dict | None, run) -> dict:
         print(f"base model: answers ending with </s>: {100 * before['eot_rate']:.0f}% of {len(prompts)}; e.g. {(answers or [''])[0][:80]!r}")
     log = metrics.Metrics(Path(cfg["out_dir"]) / "metrics.jsonl", step, run.master)
     adapters_only = (lambda d: lora.save_adapters(model, d / lora.ADAPTER_FILE, cfg["base"])) if cfg["lora"] else None
+    token_bytes = bpb.token_byte_lengths(fmt.tokenizer, model.config.vocab_size)
     result = train.fit(model, train.wrap_ddp(model, run), optimizer, lambda: [to_device([rows[i] for i in sampler.next_ids()]) for _ in range(A)],
-                       val_batches, cfg, run, log, (step, best_val, sampler),
+                       val_batches, token_bytes, cfg, run, log, (step, best_val, sampler),
                        {"tokenizer_sha256": tokenizer_lib.tokenizer_sha256(tokenizer_path), "before": before}, autocast,
                        write_weights=adapters_only)
     if not (result["finished"] and run.master):

@@ -20,7 +20,6 @@ Usage:
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 from importlib import import_module
@@ -38,30 +37,17 @@ benchmark = import_module("09_eval.benchmark")
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
 OURS = [f"lillm_{name}" for name in benchmark.TASKS]
-PAD = "</s>"  # id 2: generation_config.json's pad_token_id
-
-
-def add_pad_token(hf_dir) -> None:
-    """Name </s> as the pad token in the export's tokenizer files (06's export names bos, eos and unk only)."""
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        path = Path(hf_dir) / name
-        path.write_text(json.dumps({**json.loads(path.read_text()), "pad_token": PAD}, indent=2))
-
-
 def export(checkpoint, tokenizer_path, out_dir) -> Path:
-    """An export directory the harness loads: the checkpoint's own if it is one, else a fresh export_hf."""
+    """An export directory the harness loads: the checkpoint itself if it is one, else a fresh export_hf. 06's
+    export names a pad token inside the vocabulary (</s>); without one the harness adds a token past the table."""
     checkpoint = Path(checkpoint)
     if (checkpoint / "config.json").is_file() and (checkpoint / "tokenizer.json").is_file():
-        out_dir = Path(out_dir)
-        shutil.copytree(checkpoint, out_dir, dirs_exist_ok=True)  # a copy: the pad token is added to ours, not theirs
-    else:
-        model = chat.load_chat_model(checkpoint)
-        vocab = tokenizer_lib.load_tokenizer(tokenizer_path).get_vocab_size()
-        if vocab > model.config.vocab_size:
-            raise ValueError(f"the tokenizer has {vocab} tokens, the model {model.config.vocab_size}: not a pair (pass --tokenizer)")
-        out_dir = hf.export_hf(model, tokenizer_path, out_dir)
-    add_pad_token(out_dir)
-    return out_dir
+        return checkpoint
+    model = chat.load_chat_model(checkpoint)
+    vocab = tokenizer_lib.load_tokenizer(tokenizer_path).get_vocab_size()
+    if vocab > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {vocab} tokens, the model {model.config.vocab_size}: not a pair (pass --tokenizer)")
+    return hf.export_hf(model, tokenizer_path, out_dir)
 
 
 def task_dir(bench_dir, into) -> Path:
