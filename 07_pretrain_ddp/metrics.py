@@ -4,9 +4,10 @@
     MFU           = training FLOPs per token x tokens per second / (peak FLOP/s per process x processes)
 
 The peak of a GPU is its spec sheet's dense bf16 figure (TF32 for float32 matmuls: half). A CPU has
-no spec sheet, so its peak is measured: the best of several timed 1024^3 float32 matmuls on the
-threads training will use, so that a moment of load on a shared machine cannot make the peak too low
-(and MFU over 100%). --peak_tflops replaces either with a figure of your own.
+no spec sheet, so its peak is measured: one core's best float32 matmul speed, timed in the thread's
+own CPU seconds (another process taking the core stretches wall time, not those), times the threads
+training uses. A wall-clock timing on a busy machine came out low and MFU over 100%.
+--peak_tflops replaces either with a figure of your own.
 
 Demo: python 07_pretrain_ddp/metrics.py   (writes /tmp/lillm_loss_demo.png)
 """
@@ -14,7 +15,7 @@ Demo: python 07_pretrain_ddp/metrics.py   (writes /tmp/lillm_loss_demo.png)
 import json
 import re
 import sys
-import timeit
+import time
 from importlib import import_module
 from pathlib import Path
 
@@ -51,9 +52,23 @@ def peak_flops(device: torch.device, dtype: str, given_tflops: float = 0.0) -> f
         name = torch.cuda.get_device_name(device)
         tflops = next((v for pattern, v in GPU_PEAK_TFLOPS if re.search(pattern, name)), 0)
         return tflops * 1e12 * (1.0 if dtype == "bfloat16" else 0.5)  # float32 matmuls run as TF32: half rate
-    a = torch.ones(1024, 1024)  # not randn: drawing from the RNG here would shift a resumed run's dropout masks
-    a @ a  # warm-up: thread pool and caches
-    return 2 * 1024**3 / min(timeit.repeat(lambda: a @ a, number=1, repeat=20))  # best of 20: the machine's peak
+    # One core's speed, timed in this thread's CPU seconds: a core that another process takes for a while
+    # stretches the wall clock, not this thread's CPU time, so a busy machine cannot make the peak look low.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread runs the matmul inline, in this very thread
+    try:
+        a = torch.ones(1024, 1024)  # not randn: drawing from the RNG here would shift a resumed run's dropout masks
+        a @ a  # warm-up: caches
+        seconds = min(thread_seconds(lambda: a @ a) for _ in range(10))
+    finally:
+        torch.set_num_threads(threads)
+    return threads * 2 * 1024**3 / seconds  # every thread training uses is a core at that speed
+
+
+def thread_seconds(fn) -> float:
+    start = time.thread_time()
+    fn()
+    return time.thread_time() - start
 
 
 def describe_run(cfg: dict, run, model, lines: list[str]) -> None:
