@@ -5,15 +5,20 @@
   plain    bpe.py's two trainers, train_plain (recounts every pair every merge) and ByteLevelBPE.train
            (kept counts, a heap), on the first ~200 KB of the corpus at vocab 1024; best of 3 runs each.
   prepare  throughput of prepare.py (read, split, encode, write) in MB/s and tokens/s against a bare
-           Tokenizer.encode_batch over the same text held in memory; then the peak RSS of the
-           prepare command on the default corpus and on one 4x larger (a JSONL file holding it four
-           times). Bounded memory means the two peaks are about equal.
+           Tokenizer.encode_batch over the same text held in memory: on the default corpus (one
+           shard, this process), then at scale: the corpus 12x over (60 MB) in 8 parquet files
+           (shards) encoded by a pool of --workers processes (default: one per core; each pays ~1 s
+           of CPU to start, import datasets and open its first file), best of 3 runs interleaved
+           with the bare ones. Then the peak RSS of
+           the prepare command on the default corpus and on one 4x larger (a JSONL file holding it
+           four times). Bounded memory means the two peaks are about equal.
 
 Timings are wall-clock on whatever else the machine is doing: run it on a quiet machine.
 Left out on purpose: repeated runs and error bars; the figures are for orders of magnitude.
 
-Demo: python 01_tokenizer/bench.py            (all three, ~2 minutes on 2 cores)
-      python 01_tokenizer/bench.py --only plain  (~15 s)
+Demo: python 01_tokenizer/bench.py              (all three, ~3 minutes on 2 cores)
+      python 01_tokenizer/bench.py --only plain    (~15 s)
+      python 01_tokenizer/bench.py --only prepare  (~2 minutes)
 """
 
 import argparse
@@ -27,6 +32,9 @@ import time
 from importlib import import_module
 from pathlib import Path
 
+import pyarrow as pa  # installed with datasets
+import pyarrow.parquet as pq
+
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -36,14 +44,20 @@ tokenizer_lib = import_module("01_tokenizer.tokenizer")
 prepare = import_module("01_tokenizer.prepare")
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) and of its children that have ended (a pool's workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def timed(fn):
-    """(result, wall seconds, CPU seconds of this process, all threads) of fn().
+    """(result, wall seconds, CPU seconds of this process and its finished children) of fn().
 
     CPU time is the fairer figure on a shared machine: other processes stretch the wall clock.
     """
-    wall, cpu = time.perf_counter(), time.process_time()
+    wall, cpu = time.perf_counter(), cpu_seconds()
     result = fn()
-    return result, time.perf_counter() - wall, time.process_time() - cpu
+    return result, time.perf_counter() - wall, cpu_seconds() - cpu
 
 
 def bench_bpe(docs: list[str], vocab_size: int):
@@ -99,20 +113,46 @@ def peak_rss_mb(script: str, *args: str) -> float:
     return int(result.stderr.strip().splitlines()[-1].split()[1]) / 1024  # "VmHWM:  123456 kB"
 
 
-def bench_prepare(docs: list[str], tok_path: Path, work: Path, scale: int):
+def bench_prepare(docs: list[str], tok_path: Path, work: Path, scale: int, parquet_scale: int, workers: int | None):
     tok = tokenizer_lib.load_tokenizer(tok_path)
     mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
     encodings, t_bare, cpu_bare = timed(lambda: tok.encode_batch(docs, add_special_tokens=False))
     n_tokens = sum(len(e.ids) for e in encodings) + len(docs)  # + one </s> per document, as in the files
+    del encodings
     _, t_fast, cpu_fast = timed(lambda: tok.encode_batch_fast(docs, add_special_tokens=False))
     meta, t_prep, cpu_prep = timed(lambda: prepare.prepare("shakespeare", tok_path, work / "x0", progress=False))
     assert meta["train_tokens"] + meta["val_tokens"] == n_tokens, "prepare must write exactly the encoded tokens"
     print(f"Token files for {mb:.2f} MB, {n_tokens:,} tokens ({os.cpu_count()} cores)")
-    rows = (("encode_batch (bare, text in RAM)", t_bare, cpu_bare), ("encode_batch_fast (bare)", t_fast, cpu_fast),
-            ("prepare.prepare (read+encode+write)", t_prep, cpu_prep))
+    rows = [("encode_batch (bare, text in RAM)", t_bare, cpu_bare), ("encode_batch_fast (bare)", t_fast, cpu_fast),
+            ("prepare.prepare (read+encode+write)", t_prep, cpu_prep)]
     for name, seconds, cpu in rows:
         print(f"  {name:37s} {seconds:5.1f} s wall ({cpu:5.1f} s CPU)  {mb / seconds:5.2f} MB/s  "
               f"{n_tokens / seconds / 1e3:5.0f} k tokens/s")
+
+    # At scale: the corpus n times over in 8 parquet files (shards), tokenized by a pool of processes.
+    n, shard_dir = parquet_scale, work / f"parquet_x{parquet_scale}"
+    shard_dir.mkdir()
+    for k in range(8):
+        part = [d for i, d in enumerate(docs * n) if i % 8 == k]  # every shard a mix of the whole corpus
+        pq.write_table(pa.table({"text": part}), shard_dir / f"{k}.parquet", row_group_size=64)
+    runs = {"bare": [], "fast": [], "prepare": []}  # (wall, CPU) seconds
+    for _ in range(3):  # interleaved, best of 3: on a shared machine other jobs slow down single runs
+        runs["bare"].append(timed(lambda: [tok.encode_batch(docs, add_special_tokens=False) for _ in range(n)])[1:])
+        runs["fast"].append(timed(lambda: [tok.encode_batch_fast(docs, add_special_tokens=False) for _ in range(n)])[1:])
+        meta_n, *seconds = timed(lambda: prepare.prepare(str(shard_dir / "*.parquet"), tok_path, work / f"xp{n}",
+                                                          workers=workers, progress=False))
+        runs["prepare"].append(seconds)
+        assert meta_n["train_tokens"] + meta_n["val_tokens"] == n * n_tokens
+    best = {name: min(times) for name, times in runs.items()}
+    n_workers = min(workers or prepare.shards.cpu_count(), 8)
+    print(f"At scale: {mb * n:.1f} MB in 8 parquet shards, {n * n_tokens:,} tokens (best of 3)")
+    rows = [("encode_batch (bare, text in RAM)", *best["bare"]), ("encode_batch_fast (bare)", *best["fast"]),
+            (f"prepare.prepare, {n_workers} worker processes", *best["prepare"])]
+    for name, seconds, cpu in rows:
+        print(f"  {name:37s} {seconds:5.1f} s wall ({cpu:5.1f} s CPU)  {mb * n / seconds:5.2f} MB/s  "
+              f"{n * n_tokens / seconds / 1e3:5.0f} k tokens/s")
+    print(f"  prepare at scale: {best['bare'][0] / best['prepare'][0]:.0%} of bare encode_batch's MB/s "
+          f"({best['fast'][0] / best['prepare'][0]:.0%} of encode_batch_fast's)")
 
     big = work / f"shakespeare_x{scale}.jsonl"
     with open(big, "w", encoding="utf-8") as f:
@@ -136,6 +176,9 @@ def main():
     parser.add_argument("--plain-chars", type=int, default=200_000, help="corpus size for plain (default 200000)")
     parser.add_argument("--plain-vocab-size", type=int, default=1024, help="vocab size for plain (default 1024)")
     parser.add_argument("--scale", type=int, default=4, help="the larger corpus is this many copies of the default one")
+    parser.add_argument("--parquet-scale", type=int, default=12,
+                        help="the parquet corpus prepared by a pool of processes is this many copies (default 12)")
+    parser.add_argument("--workers", type=int, default=None, help="prepare's processes at scale (default: one per core)")
     args = parser.parse_args()
 
     docs = list(corpus.documents("shakespeare"))
@@ -147,7 +190,7 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             tokenizer_lib.save_tokenizer(tokenizer_lib.train_tokenizer(docs, args.vocab_size), work / "tokenizer.json")
-            bench_prepare(docs, work / "tokenizer.json", work, args.scale)
+            bench_prepare(docs, work / "tokenizer.json", work, args.scale, args.parquet_scale, args.workers)
 
 
 if __name__ == "__main__":

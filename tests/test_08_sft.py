@@ -386,7 +386,7 @@ def test_unreachable_hub_is_a_one_line_error_from_the_command(sft_setup, tmp_pat
                           "--tokenizer", str(sft_setup / "tokenizer.json"), "--out_dir", str(tmp_path / "out"),
                           "--hf_dataset", "no_such_user/no_such_chats"], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, timeout=120)
-    assert run.returncode == 2 and run.stderr.startswith("error: could not stream 'no_such_user/no_such_chats'"), run.stderr
+    assert run.returncode == 2 and run.stderr.startswith("error: could not read 'no_such_user/no_such_chats'"), run.stderr
     assert run.stderr.count("\n") == 1
 
 
