@@ -119,9 +119,12 @@ def table(results: dict, bits: float | str | None) -> str:
 
 
 def chat_form(path: Path) -> bool:
-    """Does this checkpoint look fine-tuned for chat: LoRA adapters, or an export carrying a chat template?"""
-    config = path / "tokenizer_config.json"
-    return path.name == lora.ADAPTER_FILE or (path / lora.ADAPTER_FILE).is_file() or (config.is_file() and "chat_template" in json.loads(config.read_text()))
+    """Does this checkpoint look fine-tuned for chat: LoRA adapters, an export carrying a chat template, or a
+    checkpoint of an SFT run (its run's config.json names the --base it fine-tuned)?"""
+    config, run = path / "tokenizer_config.json", path.parent / "config.json"
+    return (path.name == lora.ADAPTER_FILE or (path / lora.ADAPTER_FILE).is_file()
+            or (config.is_file() and "chat_template" in json.loads(config.read_text()))
+            or (run.is_file() and "base" in json.loads(run.read_text())))
 
 
 def run_eval(checkpoint, tokenizer=None, bench_dir=benchmark.DEFAULT_DIR, data_dir=prepare.DEFAULT_DATA_DIR, tasks=None,
