@@ -150,7 +150,8 @@ def train(corpus_spec="shakespeare", vocab_size: int = DEFAULT_VOCAB_SIZE, out=D
 def main():
     parser = argparse.ArgumentParser(description="Train the byte-level BPE tokenizer (tokenizer.json).")
     parser.add_argument("--corpus", nargs="+", default=["shakespeare"],
-                        help="shakespeare (default), openwebtext, openweb-800k, hf:NAME[:CONFIG][@REVISION], or .txt/.jsonl paths/globs")
+                        help="shakespeare (default), openwebtext, fineweb-edu, openweb-800k, hf:NAME[:CONFIG][@REVISION], "
+                             "parquet:GLOB (local or hf://datasets/NAME@REVISION/GLOB), or .txt/.jsonl/.parquet paths/globs")
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
                         help="tokens, specials included (default 8192)")
     parser.add_argument("--out", default=DEFAULT_TOKENIZER_PATH, help="where to write tokenizer.json")
