@@ -89,12 +89,12 @@ train.main(sys.argv[1:])
 
 
 def test_a_data_build_longer_than_the_collective_timeout_cannot_kill_the_run(token_dir, tmp_path):
-    """The build (8 s) outlasts --dist_timeout (0.05 min = 3 s): it happens under a file lock, before the process
+    """The build (15 s) outlasts --dist_timeout (0.1 min = 6 s): it happens under a file lock, before the process
     group exists, so no rank waits at a collective meanwhile. (Behind a barrier, the waiting rank timed out.)"""
     script = tmp_path / "slow_build.py"
-    script.write_text(SLOW_BUILD.format(root=str(ROOT), seconds=8, source=str(token_dir)))
+    script.write_text(SLOW_BUILD.format(root=str(ROOT), seconds=15, source=str(token_dir)))
     run = launch(*args(tmp_path / "data", tmp_path / "out", "--batch_size", 2, "--grad_accum", 1, "--max_steps", 4,
-                       "--eval_interval", 2, "--dist_timeout", 0.05), script=script)
+                       "--eval_interval", 2, "--dist_timeout", 0.1), script=script)
     log = run.communicate(timeout=180)[0]
     assert run.returncode == 0, log[-3000:]
     assert [r["step"] for r in metrics(tmp_path / "out")] == [0, 1, 2, 3, 4]
