@@ -81,12 +81,13 @@ def describe_run(cfg: dict, run, model, lines: list[str]) -> None:
         (Path(cfg["out_dir"]) / "config.json").write_text(json.dumps(saved, indent=2))
 
 
-def window_records(pending: list, losses: list, step: int, seconds: float, flops_per_token: float, peak: float, world: int):
-    """The records of a log window's steps, from (lr, _, _, grad_norm, tokens) per step and the losses read back.
+def window_records(pending: list, losses: list, norms: list, step: int, seconds: float, flops_per_token: float, peak: float,
+                   world: int):
+    """The records of a log window's steps, from (lr, ..., tokens) per step and the losses and gradient norms read back.
     Time is measured per window: inside it a GPU runs ahead of the host, so a step's own time means nothing."""
     dt = seconds / len(pending)
-    for k, loss, (lr, _, _, grad_norm, tokens) in zip(range(step - len(pending) + 1, step + 1), losses, pending):
-        yield {"step": k, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens / dt,
+    for k, loss, grad_norm, (lr, *_, tokens) in zip(range(step - len(pending) + 1, step + 1), losses, norms, pending):
+        yield {"step": k, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt,
                "mfu": flops_per_token * tokens / dt / (peak * world) if peak else None}
 
 

@@ -72,8 +72,11 @@ def fit(model, train_model, optimizer, next_micro_batches, val_batches, token_by
             shared = torch.stack([p[1] for p in pending] + [torch.tensor(float(bool(signals.received)), device=run.device)])
             if run.ddp:
                 dist.all_reduce(shared)
-            losses, stop = (shared[:-1] / torch.stack([p[2] for p in pending])).tolist(), shared[-1].item() > 0
-            *done, record = metrics.window_records(pending, losses, step, time.perf_counter() - t0, flops_per_token, peak, run.world)
+            n = len(pending)  # the gradient norms are alike on every rank: read, not reduced
+            values = torch.cat([shared[:-1] / torch.stack([p[2] for p in pending]), torch.stack([p[3] for p in pending]),
+                                shared[-1:]]).tolist()
+            losses, norms, stop = values[:n], values[n : 2 * n], values[-1] > 0
+            *done, record = metrics.window_records(pending, losses, norms, step, time.perf_counter() - t0, flops_per_token, peak, run.world)
             for r in (*done, record):
                 if not (math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])):
                     raise config.TrainError(f"loss {r['loss']} / gradient norm {r['grad_norm']} at step {r['step']} is not finite; stopped "

@@ -70,12 +70,9 @@ def loss_sums(model, batches, token_bytes: torch.Tensor, autocast=None) -> torch
     return total
 
 
-def bits_per_byte(model, batches, token_bytes: torch.Tensor, autocast=None, reduce=None) -> float:
-    """bpb over batches of (x, y). reduce: applied to the sums before dividing, e.g. torch.distributed.all_reduce
-    under DDP, so every rank gets the bpb of all ranks' batches."""
+def bits_per_byte(model, batches, token_bytes: torch.Tensor, autocast=None) -> float:
+    """bpb over batches of (x, y) (lesson 07's trainer all-reduces loss_sums itself, then divides the same way)."""
     total = loss_sums(model, batches, token_bytes, autocast)
-    if reduce is not None:
-        reduce(total)
     if total[1] == 0:
         raise ValueError("the targets spell no bytes (only special tokens): bits per byte is undefined")
     return (total[0] / (math.log(2) * total[1])).item()
