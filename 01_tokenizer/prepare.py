@@ -128,7 +128,7 @@ def prepare(corpus_spec="shakespeare", tokenizer_path=tokenizer_lib.DEFAULT_TOKE
     shard_list, shard_dir = corpus.shards(corpus_spec, cache_dir), out_dir / "shards"
     job = {"corpus": described, "shards": shard_list, "tokenizer_sha256": tok_sha}
 
-    with shards.locked(shard_dir):
+    with shards.locked(shard_dir / "lock", f"another prepare.py writing {out_dir}"):  # it would mix shards
         # 1. every shard into its own files, by a pool of processes; resumes an interrupted run
         total = sum(expected.values()) if len(expected) == len(specs) else None  # known: the bar has an ETA
         done = tokenize_shards(shard_list, job, tokenizer_path, cache_dir, shard_dir, batch_chars, workers, total,

@@ -125,17 +125,18 @@ def run(tasks: list[dict], workers: int, on_progress, on_done) -> None:
 
 
 @contextmanager
-def locked(shard_dir):
-    """Hold OUT_DIR/shards/lock: a second prepare of the same directory waits, it never mixes shards."""
-    shard_dir = Path(shard_dir)
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    with open(shard_dir / "lock", "w") as f:
+def locked(lock_path, holder: str):
+    """An exclusive flock on lock_path while the block runs; a process that finds it held says that it waits for
+    `holder`, then waits. The lock goes with the file descriptor, also when its process is killed: never stale."""
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"waiting for another prepare.py writing {shard_dir.parent}", file=sys.stderr)
+            print(f"waiting for {holder}", file=sys.stderr)
             fcntl.flock(f, fcntl.LOCK_EX)
-        yield  # the lock goes with the file descriptor, also when the process is killed
+        yield
 
 
 def load_manifest(shard_dir, job: dict, stamps: list) -> dict:

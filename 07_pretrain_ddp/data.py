@@ -24,7 +24,6 @@ pretraining), random window offsets per epoch, sharded files.
 Demo: python 07_pretrain_ddp/data.py
 """
 
-import fcntl
 import os
 import sys
 from contextlib import contextmanager
@@ -41,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one imp
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 prepare = import_module("01_tokenizer.prepare")
+shards = import_module("01_tokenizer.shards")  # its flock: one builder per filesystem
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
 
 
@@ -166,9 +166,7 @@ def build_once(directory, build) -> None:
     group exists: of those that share a filesystem (a node's ranks, or every node's on a shared one) the first
     builds and the others, once they hold the lock, find the files there (build must skip what exists). No
     collective waits meanwhile, so no timeout applies; the lock dies with its holder, never left stale."""
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    with open(Path(directory) / ".build.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with shards.locked(Path(directory) / ".build.lock", f"another process building {directory}"):
         build()
 
 
