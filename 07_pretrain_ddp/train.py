@@ -44,39 +44,58 @@ bpb = import_module("09_eval.bpb")  # lesson 09's bits per byte: the one later l
 IGNORE = -100  # the target of a position that is not trained on (the model's ignore_index)
 
 
-def fit(model, train_model, optimizer, next_micro_batches, val_batches, token_bytes, cfg: dict, run, log: metrics.Metrics,
+class TokenCrossEntropy:
+    """What a step minimizes, as train_step asks for it: how many units a micro-batch (inputs, targets) holds
+    (here its target tokens), counted before any backward, and its summed loss over them, with any other
+    figures summed over the same units ({name: tensor}, logged as means per unit). Later stages bring their
+    own (lesson 10: pairs and the DPO loss; lesson 11: completion tokens and the clipped surrogate)."""
+
+    def count(self, batch) -> torch.Tensor:
+        return (batch[1] != IGNORE).sum()
+
+    def loss_sum(self, model, batch) -> tuple:
+        _, loss = model(*batch)  # the mean over the micro-batch's targets
+        return loss * self.count(batch), {}
+
+
+def fit(model, train_model, optimizer, next_micro_batches, validate, cfg: dict, run, log: metrics.Metrics,
         start: tuple, train_state: dict, autocast=nullcontext(), flops_per_token: float = 0.0, peak: float = 0.0,
-        write_weights=None) -> dict:
+        write_weights=None, objective=TokenCrossEntropy()) -> dict:
     """The loop: steps, evaluations, checkpoints, stop signals. Values stay on the device between log steps
     (every log_interval steps and at evaluations), so a GPU never waits for the host inside a step.
-    token_bytes (vocab,): the bytes each token id spells, for bits per byte beside the validation loss."""
+    validate() -> {"val_loss": ..., other figures}: the same on every rank; ckpt_best is the lowest val_loss."""
     out_dir, (step, best_val, sampler) = Path(cfg["out_dir"]), start
-    pending, t0 = [], time.perf_counter()  # this log window's (lr, loss_sum, n, grad_norm, tokens) per step
+    pending, t0 = [], time.perf_counter()  # this log window's (lr, loss_sum, n, grad_norm, figures, tokens) per step
     with checkpoint.StopOnSignal() as signals:
         if step == 0:
-            val_loss, val_bpb = evaluate(train_model, val_batches, run, autocast, token_bytes)
-            log.write({"step": 0, "val_loss": val_loss, "val_bpb": val_bpb})
+            log.write({"step": 0, **validate()})
         while step < cfg["max_steps"]:
             lr = lr_at(step, cfg["lr"], cfg["min_lr"], cfg["warmup_steps"], cfg["max_steps"])
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro_batches = next_micro_batches()
-            pending.append((lr, *train_step(model, train_model, optimizer, micro_batches, run, cfg["grad_clip"], autocast),
-                            sum(x.numel() for x, _ in micro_batches) * run.world))
+            pending.append((lr, *train_step(model, train_model, optimizer, micro_batches, run, cfg["grad_clip"], autocast, objective),
+                            sum(batch[0].numel() for batch in micro_batches) * run.world))  # input tokens
             step += 1
             evaluated, stop_at = step % cfg["eval_interval"] == 0 or step == cfg["max_steps"], step == cfg["stop_at"]
             if not (evaluated or stop_at or step % cfg["log_interval"] == 0 or step == 1):
                 continue
             # A log step: one all-reduce sums the window's losses over ranks and tells whether any rank got a
             # stop signal (so that all stop at the same step); one read brings the values to the host.
-            shared = torch.stack([p[1] for p in pending] + [torch.tensor(float(bool(signals.received)), device=run.device)])
+            names = list(pending[0][4])  # the objective's own figures, summed like the loss
+            sums = [torch.stack([p[1], *p[4].values()]) for p in pending]  # per step (1 + figures,)
+            shared = torch.cat(sums + [torch.tensor([float(bool(signals.received))], device=run.device)])
             if run.ddp:
                 dist.all_reduce(shared)
             n = len(pending)  # the gradient norms are alike on every rank: read, not reduced
-            values = torch.cat([shared[:-1] / torch.stack([p[2] for p in pending]), torch.stack([p[3] for p in pending]),
-                                shared[-1:]]).tolist()
-            losses, norms, stop = values[:n], values[n : 2 * n], values[-1] > 0
-            *done, record = metrics.window_records(pending, losses, norms, step, time.perf_counter() - t0, flops_per_token, peak, run.world)
+            means = shared[:-1].view(n, -1) / torch.stack([p[2] for p in pending])[:, None]  # per unit (token, pair)
+            values = torch.cat([means.flatten(), torch.stack([p[3] for p in pending]), shared[-1:]]).tolist()
+            per_step, norms, stop = values[: means.numel()], values[means.numel() : -1], values[-1] > 0
+            rows = [per_step[k : k + len(names) + 1] for k in range(0, len(per_step), len(names) + 1)]  # (loss, *figures)
+            *done, record = metrics.window_records(pending, [r[0] for r in rows], norms, step, time.perf_counter() - t0,
+                                                   flops_per_token, peak, run.world)
+            for r, row in zip((*done, record), rows):
+                r.update(zip(names, row[1:]))
             for r in (*done, record):
                 if not (math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])):
                     raise config.TrainError(f"loss {r['loss']} / gradient norm {r['grad_norm']} at step {r['step']} is not finite; stopped "
@@ -86,12 +105,13 @@ def fit(model, train_model, optimizer, next_micro_batches, val_batches, token_by
             if step % cfg["log_interval"] == 0 or step == 1:
                 log.progress(record, cfg["max_steps"])
             if evaluated:
-                record["val_loss"], record["val_bpb"] = evaluate(train_model, val_batches, run, autocast, token_bytes)
+                record.update(validate())
                 if not math.isfinite(record["val_loss"]):
                     raise config.TrainError(f"validation loss is {record['val_loss']} at step {step}; stopped without saving")
                 is_best, best_val = record["val_loss"] < best_val, min(best_val, record["val_loss"])
                 if run.master:
-                    print(f"step {step}: val loss {record['val_loss']:.4f}, {record['val_bpb']:.4f} bits per byte{' (best so far)' if is_best else ''}")
+                    figures = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_"))
+                    print(f"step {step}: {figures}{' (best so far)' if is_best else ''}")
             log.write(record)  # before the checkpoint: a resume drops records past the checkpoint's step
             if evaluated or stop or stop_at:
                 state = dict(train_state, step=step, optimizer=optimizer.state_dict(), data_position=sampler.position,
@@ -108,41 +128,45 @@ def fit(model, train_model, optimizer, next_micro_batches, val_batches, token_by
     return {"step": step, "best_val_loss": best_val, "finished": step == cfg["max_steps"]}
 
 
-def train_step(model, train_model, optimizer, micro_batches, run, grad_clip: float, autocast) -> tuple:
-    """One optimizer step over this rank's micro-batches [(inputs, targets)]; returns this rank's summed loss,
-    the global target count N and the gradient norm, as tensors left on the device.
+def train_step(model, train_model, optimizer, micro_batches, run, grad_clip: float, autocast,
+               objective=TokenCrossEntropy()) -> tuple:
+    """One optimizer step over this rank's micro-batches [(inputs, targets, ...)]; returns this rank's summed
+    loss, the global target count N, the gradient norm and the objective's summed figures, left on the device.
 
     Each target token's loss is divided by N, the target tokens of the WHOLE global batch, counted before
     any backward: a token weighs the same whichever micro-batch or rank holds it. (Averaging per micro-batch
     would not, where rows hold different numbers of targets, as in SFT; in pretraining every micro-batch
     holds B x T targets and both agree.) DDP averages over ranks, hence the factor world_size."""
-    counts = torch.stack([(y != IGNORE).sum() for _, y in micro_batches]).float()  # (A,) on the device
+    counts = torch.stack([objective.count(batch) for batch in micro_batches]).float()  # (A,) on the device
     n_global = counts.sum()
     if run.ddp:
         dist.all_reduce(n_global)
-    loss_sum = torch.zeros((), device=run.device)
-    for k, (x, y) in enumerate(micro_batches):
+    loss_sum, figures = torch.zeros((), device=run.device), {}
+    for k, batch in enumerate(micro_batches):
         # Skip DDP's gradient all-reduce on all micro-steps but the last: they add into the same
         # .grad, so one all-reduce of the sum gives the same average with A times less traffic.
         with train_model.no_sync() if run.ddp and k < len(micro_batches) - 1 else nullcontext():
             with autocast:
-                _, loss = train_model(x, y)  # the mean over this micro-batch's targets
-            (loss * counts[k] * run.world / n_global).backward()
-        loss_sum += loss.detach() * counts[k]
+                summed, extra = objective.loss_sum(train_model, batch)  # over this micro-batch's counts[k] units
+            (summed * run.world / n_global).backward()
+        loss_sum += summed.detach()
+        for name, value in extra.items():
+            figures[name] = figures.get(name, 0) + value.detach().float()
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, n_global, grad_norm
+    return loss_sum, n_global, grad_norm, figures
 
 
-def evaluate(model, batches, run, autocast, token_bytes) -> tuple:
-    """(mean cross-entropy per target token, bits per byte) over this rank's batches and the other ranks'."""
+def evaluate(model, batches, run, autocast, token_bytes) -> dict:
+    """Mean cross-entropy per target token and bits per byte, over this rank's batches and the other ranks'.
+    token_bytes (vocab,): the bytes each token id spells."""
     total = bpb.loss_sums(model, batches, token_bytes, autocast)  # (summed nats, bytes, tokens)
     if run.ddp:
         dist.all_reduce(total)  # sums over ranks, then one division: every rank gets the same mean
     nats, n_bytes, tokens = total.tolist()
-    return nats / tokens, nats / (math.log(2) * n_bytes) if n_bytes else float("nan")
+    return {"val_loss": nats / tokens, "val_bpb": nats / (math.log(2) * n_bytes) if n_bytes else float("nan")}
 
 
 def lr_at(step: int, max_lr: float, min_lr: float, warmup: int, max_steps: int) -> float:
@@ -209,7 +233,7 @@ def pretrain(cfg: dict, state: dict | None, run) -> dict:
     log = metrics.Metrics(Path(cfg["out_dir"]) / "metrics.jsonl", step, run.master, cfg if cfg["wandb"] else None)
     token_bytes = bpb.token_byte_lengths(tokenizer_lib.load_tokenizer(cfg["tokenizer"]), model_cfg.vocab_size)
     result = fit(model, train_model, optimizer, lambda: [train_data.batch(sampler.next_ids(), run.device) for _ in range(A)],
-                 val_batches, token_bytes, cfg, run, log, (step, best_val, sampler), {"tokenizer_sha256": meta["tokenizer_sha256"]},
+                 lambda: evaluate(train_model, val_batches, run, autocast, token_bytes), cfg, run, log, (step, best_val, sampler), {"tokenizer_sha256": meta["tokenizer_sha256"]},
                  autocast, model.flops_per_token(T), peak)
     if run.master and result["finished"] and cfg["sample_tokens"]:
         print(f"sample (temperature 0.8, top-k 200):\n{metrics.sample(model, cfg['tokenizer'], cfg['prompt'], cfg['sample_tokens'], cfg['seed'], run.device)}")

@@ -99,8 +99,9 @@ def finetune(cfg: dict, state: dict | None, run) -> dict:
     log = metrics.Metrics(Path(cfg["out_dir"]) / "metrics.jsonl", step, run.master)
     adapters_only = (lambda d: lora.save_adapters(model, d / lora.ADAPTER_FILE, cfg["base"])) if cfg["lora"] else None
     token_bytes = bpb.token_byte_lengths(fmt.tokenizer, model.config.vocab_size)
+    validate = lambda: train.evaluate(model, val_batches, run, autocast, token_bytes)  # noqa: E731
     result = train.fit(model, train.wrap_ddp(model, run), optimizer, lambda: [to_device([rows[i] for i in sampler.next_ids()]) for _ in range(A)],
-                       val_batches, token_bytes, cfg, run, log, (step, best_val, sampler),
+                       validate, cfg, run, log, (step, best_val, sampler),
                        {"tokenizer_sha256": tokenizer_lib.tokenizer_sha256(tokenizer_path), "before": before}, autocast,
                        write_weights=adapters_only)
     if not (result["finished"] and run.master):
