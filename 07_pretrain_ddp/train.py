@@ -65,10 +65,11 @@ def fit(model, train_model, optimizer, next_micro_batches, validate, cfg: dict, 
     (every log_interval steps and at evaluations), so a GPU never waits for the host inside a step.
     validate() -> {"val_loss": ..., other figures}: the same on every rank; ckpt_best is the lowest val_loss."""
     out_dir, (step, best_val, sampler) = Path(cfg["out_dir"]), start
-    pending, t0 = [], time.perf_counter()  # this log window's (lr, loss_sum, n, grad_norm, figures, tokens) per step
+    pending = []  # this log window's (lr, loss_sum, n, grad_norm, figures, tokens) per step
     with checkpoint.StopOnSignal() as signals:
         if step == 0:
             log.write({"step": 0, **validate()})
+        t0 = time.perf_counter()  # after step 0's evaluation: the first window times training only
         while step < cfg["max_steps"]:
             lr = lr_at(step, cfg["lr"], cfg["min_lr"], cfg["warmup_steps"], cfg["max_steps"])
             for group in optimizer.param_groups:
