@@ -148,15 +148,24 @@ def load_trained(cfg: dict, ckpt_dir: Path, device, base=None):
 
 # ---- flags: lesson 07's resolver, with this stage's defaults ----------------------------------------------
 
+LORA_DEFAULTS = dict(lora=False, lora_rank=8, lora_alpha=16.0, lora_targets="wq,wk,wv,wo")  # also lessons 10-11's
+SHAPE = ("base", *LORA_DEFAULTS)  # what a resumed run may not change, in every stage that starts from a base
+
+
+def add_lora_flags(flag, base: str = "a frozen base") -> None:
+    flag("lora", f"train LoRA adapters on {base} instead of every weight", action=argparse.BooleanOptionalAction)
+    flag("lora_rank", "LoRA rank r", type=int)
+    flag("lora_alpha", "LoRA alpha: the update is scaled by alpha / r", type=float)
+    flag("lora_targets", f"comma-separated linear layers to adapt, from {','.join(lora.TARGETS)}")
+
+
 DEFAULTS = dict(
     base="out/ckpt_best", tokenizer=None, data=None, val_data=None, hf_dataset=None, hf_split="train",
-    hf_limit=0, data_dir="data/sft", val_fraction=0.05, out_dir="out/sft", pack=True,
-    lora=False, lora_rank=8, lora_alpha=16.0, lora_targets="wq,wk,wv,wo",
+    hf_limit=0, data_dir="data/sft", val_fraction=0.05, out_dir="out/sft", pack=True, **LORA_DEFAULTS,
     batch_size=8, grad_accum=1, max_steps=200, lr=None, min_lr=None, warmup_steps=10, weight_decay=0.0, grad_clip=1.0,
     eval_interval=50, log_interval=10, eval_prompts=64, answer_tokens=48, seed=1337, device="auto", dtype="auto", stop_at=0, resume=False,
     dist_timeout=30.0,
 )
-SHAPE = ("base", "lora", "lora_rank", "lora_alpha", "lora_targets")  # what a resumed run may not change
 
 
 def parse_args(argv=None) -> dict:
@@ -172,10 +181,7 @@ def parse_args(argv=None) -> dict:
     flag("val_fraction", "share of conversations held out when no --val_data is given (lesson 01's crc32 rule)", type=float)
     flag("pack", "pack whole conversations into rows of max_seq_len tokens (--no-pack: one per row, padded)",
          action=argparse.BooleanOptionalAction)
-    flag("lora", "train LoRA adapters on a frozen base instead of every weight", action=argparse.BooleanOptionalAction)
-    flag("lora_rank", "LoRA rank r", type=int)
-    flag("lora_alpha", "LoRA alpha: the update is scaled by alpha / r", type=float)
-    flag("lora_targets", f"comma-separated linear layers to adapt, from {','.join(lora.TARGETS)}")
+    add_lora_flags(flag)
     config.add_training_flags(flag)  # lr None: 3e-4 full, 1e-3 LoRA; min_lr None: lr / 10
     flag("eval_prompts", "validation prompts answered greedily for the end-of-turn rate, before and after", type=int)
     flag("answer_tokens", "longest answer, in tokens, for that measurement", type=int)

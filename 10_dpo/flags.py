@@ -5,7 +5,6 @@
 Demo: python 10_dpo/flags.py --help
 """
 
-import argparse
 import sys
 from importlib import import_module
 from pathlib import Path
@@ -14,18 +13,17 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one imp
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 config = import_module("07_pretrain_ddp.config")
-lora = import_module("08_sft.lora")
+sft = import_module("08_sft.sft")  # the LoRA flags every stage shares
 preferences = import_module("10_dpo.preferences")
 
 DEFAULTS = dict(
     base="out/sft/ckpt_best", tokenizer=None, data=None, val_data=None, hf_dataset=None, hf_split="train",
     hf_limit=0, data_dir=preferences.DEFAULT_DIR, val_fraction=0.05, out_dir="out/dpo", beta=0.1, max_pairs=2400, val_pairs=256,
-    lora=False, lora_rank=8, lora_alpha=16.0, lora_targets="wq,wk,wv,wo",
-    batch_size=16, grad_accum=1, max_steps=150, lr=None, min_lr=None, warmup_steps=10, weight_decay=0.0, grad_clip=1.0,
+    **sft.LORA_DEFAULTS, batch_size=16, grad_accum=1, max_steps=150, lr=None, min_lr=None, warmup_steps=10, weight_decay=0.0, grad_clip=1.0,
     eval_interval=50, log_interval=10, eval_prompts=128, answer_tokens=32, seed=1337, device="auto", dtype="auto", stop_at=0,
     resume=False, dist_timeout=30.0,
 )
-SHAPE = ("base", "lora", "lora_rank", "lora_alpha", "lora_targets")  # what a resumed run may not change
+SHAPE = sft.SHAPE  # what a resumed run may not change
 
 
 def parse_args(argv=None) -> dict:
@@ -43,10 +41,7 @@ def parse_args(argv=None) -> dict:
     flag("beta", "DPO's beta: the price of moving away from the reference (small: far, large: stay close)", type=float)
     flag("max_pairs", "train on a seeded subset of this many pairs (the reference scores each once, at the start); 0: all", type=int)
     flag("val_pairs", "validation pairs, the first of the set; 0: all", type=int)
-    flag("lora", "train LoRA adapters on the frozen SFT model instead of every weight", action=argparse.BooleanOptionalAction)
-    flag("lora_rank", "LoRA rank r", type=int)
-    flag("lora_alpha", "LoRA alpha: the update is scaled by alpha / r", type=float)
-    flag("lora_targets", f"comma-separated linear layers to adapt, from {','.join(lora.TARGETS)}")
+    sft.add_lora_flags(flag, "the frozen SFT model")
     config.add_training_flags(flag)  # lr None: 1e-4 full, 1e-3 LoRA; min_lr None: lr / 10
     flag("eval_prompts", "validation prompts answered greedily (exact answers) and sampled (KL), before and after", type=int)
     flag("answer_tokens", "longest answer, in tokens, for those measurements", type=int)

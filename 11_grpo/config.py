@@ -8,7 +8,6 @@
 Demo: python 11_grpo/config.py --help
 """
 
-import argparse
 import sys
 from importlib import import_module
 from pathlib import Path
@@ -24,6 +23,7 @@ checkpoint = import_module("07_pretrain_ddp.checkpoint")
 metrics = import_module("07_pretrain_ddp.metrics")
 template = import_module("08_sft.template")
 lora = import_module("08_sft.lora")
+sft = import_module("08_sft.sft")  # the LoRA flags every stage shares
 chat = import_module("08_sft.chat")  # load_chat_model: a full or LoRA SFT checkpoint, or an export
 tasks = import_module("11_grpo.tasks")
 evaluate = import_module("11_grpo.evaluate")
@@ -31,14 +31,14 @@ plt = metrics.plt  # matplotlib, headless
 
 DEFAULTS = dict(
     base="out/sft/ckpt_best", tokenizer=None, task="choice", data=None, val_data=None, data_dir=tasks.DEFAULT_DIR,
-    out_dir="out/grpo", lora=False, lora_rank=8, lora_alpha=16.0, lora_targets="wq,wk,wv,wo",
+    out_dir="out/grpo", **sft.LORA_DEFAULTS,
     group_size=8, batch_size=64, grad_accum=2, iterations=1, max_new_tokens=16, temperature=1.0, top_k=0,
     clip_eps=0.2, beta=0.0, norm="token",
     max_steps=100, lr=None, min_lr=None, warmup_steps=5, weight_decay=0.0, grad_clip=1.0,
     eval_interval=50, log_interval=10, eval_prompts=256, eval_samples=8, seed=1337, device="auto", dtype="auto",
     stop_at=0, resume=False, dist_timeout=30.0,
 )
-SHAPE = ("base", "lora", "lora_rank", "lora_alpha", "lora_targets")  # what a resumed run may not change
+SHAPE = sft.SHAPE  # what a resumed run may not change
 
 
 def parse_args(argv=None) -> dict:
@@ -49,10 +49,7 @@ def parse_args(argv=None) -> dict:
     flag("data", "your own training prompts: JSONL of {\"prompt\" or \"messages\", \"answer\"} (needs --val_data)")
     flag("val_data", "your own validation prompts, the same format")
     flag("data_dir", "where the built-in task is written (tasks.py)")
-    flag("lora", "train LoRA adapters on the frozen base instead of every weight", action=argparse.BooleanOptionalAction)
-    flag("lora_rank", "LoRA rank r", type=int)
-    flag("lora_alpha", "LoRA alpha: the update is scaled by alpha / r", type=float)
-    flag("lora_targets", f"comma-separated linear layers to adapt, from {','.join(lora.TARGETS)}")
+    sft.add_lora_flags(flag, "the frozen base")
     flag("group_size", "G: completions sampled per prompt; batch_size x grad_accum must be a multiple", type=int)
     config.add_training_flags(flag)  # batch_size counts completions (rows); lr None: 3e-4 full, 1e-3 LoRA
     flag("iterations", "optimizer steps on each rollout (GRPO's mu); >1 makes the ratio leave 1 and the clip act", type=int)
