@@ -59,8 +59,8 @@ def load_model(path, device="cpu"):
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: train one with `python 07_pretrain_ddp/train.py` "
-                                "or import a Llama export with `python 06_model/hf.py import`")
+        raise FileNotFoundError(f"no checkpoint at {path}: train one (`python 07_pretrain_ddp/train.py` pretrains, "
+                                "`python 08_sft/sft.py` makes a chat model of it) or import a Llama export with `python 06_model/hf.py import`")
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta, state = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}

@@ -129,7 +129,7 @@ def load_base(cfg: dict, device, tokenizer_path: Path):
     if (Path(cfg["base"]) / checkpoint.STATE_FILE).is_file():  # a 07 checkpoint records which tokenizer made its token files
         expected = checkpoint.load_state(cfg["base"])["tokenizer_sha256"]
         if expected != tokenizer_lib.tokenizer_sha256(tokenizer_path):
-            raise config.TrainError(f"{tokenizer_path} is not the tokenizer {cfg['base']} was pretrained with "
+            raise config.TrainError(f"{tokenizer_path} is not the tokenizer {cfg['base']} was trained with "
                                     f"(sha256 {expected[:12]}); pass that one with --tokenizer")
     if fmt.tokenizer.get_vocab_size() > model.config.vocab_size:  # every id the rows will hold fits the model
         raise config.TrainError(f"{tokenizer_path} has {fmt.tokenizer.get_vocab_size()} tokens, more than the base's {model.config.vocab_size}")
