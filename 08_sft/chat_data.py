@@ -53,24 +53,35 @@ def check_conversation(messages, where: str) -> list:
     return messages
 
 
-def read_jsonl(path) -> list:
-    """Every conversation of a JSONL file, checked; the first bad line is a DataError naming file and line."""
-    path, convs = Path(path), []
+def jsonl_rows(path, what: str, example: str, omitted: str = "the offline set") -> list:
+    """[(where, row)]: every non-blank line of a JSONL file, parsed, with "file:line" for the caller's checks.
+    A missing file, a line that is not JSON or not UTF-8, or a file with no row is a one-line DataError.
+    Lessons 10 and 11 read their pairs and prompts through it too."""
+    path, rows = Path(path), []
     if not path.is_file():
-        raise DataError(f"no conversation file at {path}; fix: pass --data FILE.jsonl, or omit it for the offline set")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+        raise DataError(f"no {what} file at {path}; fix: pass --data FILE.jsonl, or omit it for {omitted}")
+    with open(path, "rb") as f:  # bytes, decoded line by line: a bad byte is reported on its own line
+        for lineno, raw in enumerate(f, 1):
             try:
-                row = json.loads(line)
+                line = raw.decode("utf-8")
+                if line.strip():
+                    rows.append((f"{path}:{lineno}", json.loads(line)))
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{lineno} is not UTF-8 text; fix: save the file as UTF-8") from None
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix: one JSON object per line") from None
-            if not isinstance(row, dict) or "messages" not in row:
-                raise DataError(f"{path}:{lineno} has no \"messages\" key; fix: each line must be {{\"messages\": [...]}}")
-            convs.append(check_conversation(row["messages"], f"{path}:{lineno}"))
-    if not convs:
-        raise DataError(f"{path} holds no conversation; fix: one {{\"messages\": [...]}} per line")
+    if not rows:
+        raise DataError(f"{path} holds no {what}; fix: one {example} per line")
+    return rows
+
+
+def read_jsonl(path) -> list:
+    """Every conversation of a JSONL file, checked; the first bad line is a DataError naming file and line."""
+    convs = []
+    for where, row in jsonl_rows(path, "conversation", '{"messages": [...]}'):
+        if not isinstance(row, dict) or "messages" not in row:
+            raise DataError(f"{where} has no \"messages\" key; fix: each line must be {{\"messages\": [...]}}")
+        convs.append(check_conversation(row["messages"], where))
     return convs
 
 

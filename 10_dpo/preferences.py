@@ -105,21 +105,8 @@ def check_pair(row, where: str) -> Pair:
 
 def read_jsonl(path) -> list:
     """Every pair of a JSONL file, checked; the first bad line is a DataError naming file and line."""
-    path, pairs = Path(path), []
-    if not path.is_file():
-        raise DataError(f"no preference file at {path}; fix: pass --data FILE.jsonl, or omit it for the offline set")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix: one JSON object per line") from None
-            pairs.append(check_pair(row, f"{path}:{lineno}"))
-    if not pairs:
-        raise DataError(f"{path} holds no pair; fix: one {{\"prompt\", \"chosen\", \"rejected\"}} object per line")
-    return pairs
+    return [check_pair(row, where) for where, row in
+            chat_data.jsonl_rows(path, "preference pair", '{"prompt", "chosen", "rejected"} object')]
 
 
 def hub_pairs(name: str, split: str = "train", limit: int | None = None, **load_kwargs) -> list:

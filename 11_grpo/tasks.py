@@ -38,6 +38,7 @@ corpus = import_module("01_tokenizer.corpus")
 prepare = import_module("01_tokenizer.prepare")
 template = import_module("08_sft.template")
 instructions = import_module("08_sft.instructions")  # the speech parser
+chat_data = import_module("08_sft.chat_data")  # the JSONL reader
 benchmark = import_module("09_eval.benchmark")  # plays of scenes, the distractor draw
 
 DataError = corpus.DataError
@@ -127,23 +128,11 @@ def write_sft(path, train_path, count: int, seed: int = 0) -> int:
 def read_prompts(path) -> list:
     """[{"messages", "answers"}] of a JSONL file of {"prompt" | "messages", "answer"}; the first bad line is a
     one-line DataError naming file and line."""
-    path, items = Path(path), []
-    if not path.is_file():
-        raise DataError(f"no prompt file at {path}; fix: pass --data FILE.jsonl, or omit it for the built-in speaker task")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                items.append(parse_item(line, f"{path}:{lineno}"))
-    if not items:
-        raise DataError(f"{path} holds no prompt; fix: one {{\"prompt\": ..., \"answer\": ...}} per line")
-    return items
+    rows = chat_data.jsonl_rows(path, "prompt", '{"prompt": ..., "answer": ...}', "the built-in speaker task")
+    return [parse_item(row, where) for where, row in rows]
 
 
-def parse_item(line: str, where: str) -> dict:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where} is not valid JSON ({e.msg}); fix: one JSON object per line") from None
+def parse_item(row, where: str) -> dict:
     fix = 'fix: each line must be {"prompt": "...", "answer": "..."} or {"messages": [...], "answer": [...]}'
     if not isinstance(row, dict) or ("prompt" in row) == ("messages" in row):
         raise DataError(f"{where} needs exactly one of \"prompt\" and \"messages\"; {fix}")

@@ -221,14 +221,23 @@ def test_speeches_parse_speakers_and_drop_stage_directions():
     ('{"messages": [{"content": "hi"}]}', "'role' and 'content'"),
     ('{"messages": [{"role": "narrator", "content": "hi"}]}', "unknown role 'narrator'"),
     ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
+    ('{"messages": [{"role": "user", "content": "caf\xe9"}]}', "not UTF-8 text"),  # Latin-1 bytes
 ])
 def test_bad_jsonl_is_a_one_line_error_naming_file_and_line(tmp_path, line, problem):
     path = tmp_path / "chats.jsonl"
     good = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
-    path.write_text(good + "\n\n" + line + "\n")
+    path.write_bytes((good + "\n\n" + line + "\n").encode("latin-1"))
     with pytest.raises(DataError, match=problem) as e:
         chat_data.read_jsonl(path)
     assert str(e.value).startswith(f"{path}:3") and "\n" not in str(e.value)
+
+
+def test_missing_or_empty_jsonl_is_a_one_line_error(tmp_path):
+    with pytest.raises(DataError, match="no conversation file at .*fix: pass --data"):
+        chat_data.read_jsonl(tmp_path / "missing.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n  \n")
+    with pytest.raises(DataError, match="holds no conversation"):
+        chat_data.read_jsonl(tmp_path / "empty.jsonl")
 
 
 def test_hub_path_reads_the_messages_column(tmp_path):
