@@ -98,12 +98,28 @@ def hub_conversations(name: str, split: str = "train", limit: int | None = None,
     return convs
 
 
-def default_data(data_dir: str) -> tuple:
-    """(train, val) paths of the offline instruction set, built from the default corpus when missing."""
+def offline_set(data_dir: str, build, name: str, what: str) -> tuple:
+    """(train, val) paths of an offline set in data_dir, built by build(out_dir=data_dir) from the default
+    corpus when missing: this lesson's instruction set, lesson 10's preference pairs."""
     train, val = Path(data_dir) / "train.jsonl", Path(data_dir) / "val.jsonl"
     if not (train.is_file() and val.is_file()):
-        counts = instructions.build(out_dir=data_dir)
-        print(f"built the offline instruction set: {counts['train']:,} train / {counts['val']:,} val conversations in {data_dir}")
+        counts = build(out_dir=data_dir)
+        print(f"built the offline {name}: {counts['train']:,} train / {counts['val']:,} val {what}s in {data_dir}")
+    return train, val
+
+
+def default_data(data_dir: str) -> tuple:
+    """(train, val) paths of the offline instruction set."""
+    return offline_set(data_dir, instructions.build, "instruction set", "conversation")
+
+
+def held_out(items: list, val_fraction: float, what: str) -> tuple:
+    """(train, val): lesson 01's rule on each item's own text, so the same split on every run and rank."""
+    is_val = [prepare.is_val(json.dumps(item, sort_keys=True), val_fraction) for item in items]
+    train, val = [x for x, v in zip(items, is_val) if not v], [x for x, v in zip(items, is_val) if v]
+    if not train or not val:
+        raise DataError(f"{len(items)} {what}s give {len(train)} train and {len(val)} val; "
+                        f"fix: more {what}s, another --val_fraction, or --val_data")
     return train, val
 
 
@@ -118,13 +134,7 @@ def train_val_conversations(data, val_data, hf_dataset, hf_split, hf_limit, data
         return read_jsonl(train_path), read_jsonl(val_path)
     if val_data:
         return convs, [c for path in val_data for c in read_jsonl(path)]
-    # Held out by lesson 01's rule on the conversation's own text: the same split on every run and rank.
-    is_val = [prepare.is_val(json.dumps(c, sort_keys=True), val_fraction) for c in convs]
-    train, val = [c for c, v in zip(convs, is_val) if not v], [c for c, v in zip(convs, is_val) if v]
-    if not train or not val:
-        raise DataError(f"{len(convs)} conversations give {len(train)} train and {len(val)} val; "
-                        "fix: more conversations, another --val_fraction, or --val_data")
-    return train, val
+    return held_out(convs, val_fraction, "conversation")
 
 
 # ---- token rows out ------------------------------------------------------------------------------------

@@ -169,12 +169,8 @@ def build(corpus_spec="shakespeare", out_dir=DEFAULT_DIR, cache_dir=corpus.DEFAU
 
 
 def default_data(data_dir: str) -> tuple:
-    """(train, val) paths of the offline set, built from the default corpus when missing."""
-    train, val = Path(data_dir) / "train.jsonl", Path(data_dir) / "val.jsonl"
-    if not (train.is_file() and val.is_file()):
-        counts = build(out_dir=data_dir)
-        print(f"built the offline preference set: {counts['train']:,} train / {counts['val']:,} val pairs in {data_dir}")
-    return train, val
+    """(train, val) paths of the offline preference set, built from the default corpus when missing."""
+    return chat_data.offline_set(data_dir, build, "preference set", "pair")
 
 
 def train_val_pairs(data, val_data, hf_dataset, hf_split, hf_limit, data_dir, val_fraction) -> tuple:
@@ -188,11 +184,7 @@ def train_val_pairs(data, val_data, hf_dataset, hf_split, hf_limit, data_dir, va
         pairs, val_data = read_jsonl(train_path), [val_path]
     if val_data:
         return pairs, [p for path in val_data for p in read_jsonl(path)]
-    is_val = [prepare.is_val(json.dumps(p, sort_keys=True), val_fraction) for p in pairs]  # lesson 01's rule, per pair
-    train, val = [p for p, v in zip(pairs, is_val) if not v], [p for p, v in zip(pairs, is_val) if v]
-    if not train or not val:
-        raise DataError(f"{len(pairs)} pairs give {len(train)} train and {len(val)} val; fix: more pairs, another --val_fraction, or --val_data")
-    return train, val
+    return chat_data.held_out(pairs, val_fraction, "pair")
 
 
 # ---- token rows out -------------------------------------------------------------------------------------
