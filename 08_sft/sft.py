@@ -188,10 +188,15 @@ def parse_args(argv=None) -> dict:
     return vars(parser.parse_args(argv))
 
 
+def with_lr(defaults: dict, given: dict, full_lr: float) -> dict:
+    """A stage's defaults with its learning rate: the given one, else 1e-3 with LoRA (the adapters start at zero:
+    a larger step) or full_lr; min_lr lr / 10. Lessons 10 and 11 use it with their own full_lr."""
+    lr = given.get("lr") or (1e-3 if given.get("lora", defaults["lora"]) else full_lr)
+    return dict(defaults, lr=lr, min_lr=lr / 10)
+
+
 def resolve_config(given: dict, saved: dict | None = None) -> dict:
-    lr = given.get("lr") or (1e-3 if given.get("lora", DEFAULTS["lora"]) else 3e-4)  # adapters start at zero: a larger step
-    defaults = dict(DEFAULTS, lr=lr, min_lr=lr / 10)
-    cfg = config.resolve(given, defaults, saved, SHAPE, ("lora_rank", "eval_prompts", "answer_tokens"))
+    cfg = config.resolve(given, with_lr(DEFAULTS, given, 3e-4), saved, SHAPE, ("lora_rank", "eval_prompts", "answer_tokens"))
     if cfg["data"] and cfg["hf_dataset"]:
         raise config.TrainError("give --data or --hf_dataset, not both")
     return cfg

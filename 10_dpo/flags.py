@@ -49,8 +49,7 @@ def parse_args(argv=None) -> dict:
 
 
 def resolve_config(given: dict, saved: dict | None = None) -> dict:
-    lr = given.get("lr") or (1e-3 if given.get("lora", DEFAULTS["lora"]) else 1e-4)  # adapters start at zero: a larger step
-    cfg = config.resolve(given, dict(DEFAULTS, lr=lr, min_lr=lr / 10), saved, SHAPE, ("lora_rank", "eval_prompts", "answer_tokens"))
+    cfg = config.resolve(given, sft.with_lr(DEFAULTS, given, 1e-4), saved, SHAPE, ("lora_rank", "eval_prompts", "answer_tokens"))
     if cfg["data"] and cfg["hf_dataset"]:
         raise config.TrainError("give --data or --hf_dataset, not both")
     if cfg["beta"] <= 0 or cfg["max_pairs"] < 0 or cfg["val_pairs"] < 0:

@@ -66,8 +66,7 @@ def parse_args(argv=None) -> dict:
 
 
 def resolve_config(given: dict, saved: dict | None = None) -> dict:
-    lr = given.get("lr") or (1e-3 if given.get("lora", DEFAULTS["lora"]) else 3e-4)  # adapters start at zero: a larger step
-    cfg = config.resolve(given, dict(DEFAULTS, lr=lr, min_lr=lr / 10), saved, SHAPE,
+    cfg = config.resolve(given, sft.with_lr(DEFAULTS, given, 3e-4), saved, SHAPE,
                          ("iterations", "max_new_tokens", "eval_samples", "lora_rank"))
     rows = cfg["batch_size"] * cfg["grad_accum"]
     if cfg["group_size"] < 2 or rows % cfg["group_size"]:
