@@ -100,6 +100,10 @@ def loglikelihoods(model, requests, batch_size: int = 16, share_prefix: bool = T
     Every continuation must have at least one token, every context too (a </s> or <s> will do)."""
     if any(not ctx or not cont for ctx, cont in requests):
         raise ValueError("every request needs a non-empty context and continuation (start contexts with </s>)")
+    longest = max((len(cont) for _, cont in requests), default=0)
+    if longest > model.config.max_seq_len:  # lm-eval's limit too: the window must hold every scored token
+        raise ValueError(f"a continuation of {longest} tokens is longer than the model's window of "
+                         f"{model.config.max_seq_len}: it cannot be scored (shorten the choices)")
     was_training = model.training
     model.eval()
     try:

@@ -1,7 +1,8 @@
 """The verifiable task: prompts whose answers a short function can check, and that function (the reward).
 
     reward(completion, answers) = 1  if normalize(completion) equals normalize(an answer), else 0
-    normalize(text)             = lower case, every run of non-alphanumerics a single space, trimmed
+    normalize(text)             = NFKC of the case-folded text, every run of characters that are not Unicode
+                                  letters, digits or marks a single space, trimmed
 
 Built offline from the default corpus, in lesson 08's wording (the SFT model has learned this turn):
 
@@ -26,10 +27,12 @@ Demo (writes data/grpo/{open,choice}_{train,val}.jsonl): python 11_grpo/tasks.py
 
 import json
 import random
-import re
 import sys
+import unicodedata
 from importlib import import_module
 from pathlib import Path
+
+import regex  # Unicode classes (\p{L}), which `re` lacks; lesson 01's BPE uses it too
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
@@ -44,12 +47,14 @@ benchmark = import_module("09_eval.benchmark")  # plays of scenes, the distracto
 DataError = corpus.DataError
 FORMS = ("choice", "open")
 DEFAULT_DIR = "data/grpo"
-NOT_ALNUM = re.compile(r"[^0-9a-z]+")
+NOT_WORD = regex.compile(r"[^\p{L}\p{N}\p{M}]+")  # a run of anything but letters, digits and combining marks
 
 
 def normalize(text: str) -> str:
-    """'  King  Lear! ' -> 'king lear': case and punctuation never decide a reward."""
-    return NOT_ALNUM.sub(" ", text.lower()).strip()
+    """'  King  Lear! ' -> 'king lear', 'ZOË' -> 'zoë': case, punctuation and spacing never decide a reward; letters
+    do, accented ones included (Zoë is not Zoe, nor Zo): accents are not folded. NFKC makes a composed é and an e
+    followed by a combining accent the same letter."""
+    return NOT_WORD.sub(" ", unicodedata.normalize("NFKC", text.casefold())).strip()
 
 
 def reward(completion: str, answers: list) -> float:
@@ -146,7 +151,7 @@ def parse_item(row, where: str) -> dict:
     answers = row.get("answer")
     answers = [answers] if isinstance(answers, str) else answers
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and normalize(a) for a in answers):
-        raise DataError(f"{where}: \"answer\" must be a non-empty string or list of them (letters or digits); {fix}")
+        raise DataError(f"{where}: \"answer\" must be a non-empty string or list of them (with a letter or digit); {fix}")
     return {"messages": messages, "answers": answers}
 
 

@@ -183,6 +183,16 @@ def test_scorer_picks_the_choice_given_the_highest_log_probability():
     assert score.centered(0.25, 0.25) == 0 and score.centered(1.0, 0.25) == 1
 
 
+def test_a_continuation_longer_than_the_window_is_a_one_line_error():
+    """Context [5] and a 129-token choice with max_seq_len 128 was a raw RuntimeError from gather; 128 tokens still fit."""
+    model = lillm.LilLM(tiny_config(vocab_size=50, max_seq_len=128)).eval()
+    for share in (True, False):
+        with pytest.raises(ValueError, match="continuation of 129 tokens is longer than the model's window of 128"):
+            score.loglikelihoods(model, [([5], [7] * 129)], share_prefix=share)
+        (ll, _), = score.loglikelihoods(model, [([5], [7] * 128)], share_prefix=share)
+        assert ll < 0
+
+
 @given(seed=st.integers(0, 2**16), n_groups=st.integers(1, 4), batch_size=st.integers(1, 7))
 def test_batching_and_prefix_sharing_change_no_score(seed, n_groups, batch_size):
     rng = random.Random(seed)

@@ -10,6 +10,7 @@ import random
 import shutil
 import subprocess
 import sys
+import unicodedata
 from collections import defaultdict
 from importlib import import_module
 from pathlib import Path
@@ -170,6 +171,17 @@ def test_k3_is_zero_at_the_reference_and_never_negative(logp, shift):
     assert_close(grpo.k3(logp, logp + shift), torch.full_like(logp, np.expm1(shift) - shift))
 
 
+def test_k3_is_never_negative_in_float32_for_tiny_differences():
+    """exp(d) - d - 1 in float32 gave about 2% of these draws below 0 (down to -6e-8)."""
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(1_000_000, generator=g) * 10  # float32, as the policy's log-probs are
+    ref = logp + (torch.rand(1_000_000, generator=g) - 0.5) * 4e-4  # d near +-1e-4
+    kl = grpo.k3(logp, ref)
+    assert kl.dtype == torch.float32 and (kl >= 0).all()
+    naive = torch.exp(ref - logp) - (ref - logp) - 1
+    assert (naive < 0).float().mean() > 0.001, "the float32 trap this guards against should show on these draws"
+
+
 def trl_loss(loss_type: str, beta: float, logp, old, ref, advantages, mask):
     """TRL's own GRPOTrainer._compute_loss on given per-token log-probs (its model call replaced by them)."""
     GRPOTrainer = pytest.importorskip("trl.trainer.grpo_trainer").GRPOTrainer
@@ -219,9 +231,23 @@ def test_loss_and_gradient_equal_trls_grpo_trainer(norm, loss_type, beta):
     ("Hamlet says it", ["Hamlet"], 0.0), ("It is Hamlet.", ["Hamlet"], 0.0), ("Hamlet Horatio", ["Hamlet"], 0.0),
     ("Claudius", ["King Claudius"], 0.0), ("", ["Hamlet"], 0.0), ("...", ["Hamlet"], 0.0), ("Horatio", ["Hamlet", "Horatio"], 1.0),
     ("Hamlet<r1>", ["Hamlet"], 0.0),
+    # letters beyond ASCII are letters: an accent is part of the name (not folded), a prefix earns nothing
+    ("Zo", ["Zoë"], 0.0), ("Zoé", ["Zoë"], 0.0), ("Jos", ["José"], 0.0), ("geus", ["Ægeus"], 0.0), ("Zoe", ["Zoë"], 0.0),
+    ("ZOË!", ["Zoë"], 1.0), ("Zoe\u0308", ["Zoë"], 1.0), ("ÆGEUS", ["Ægeus"], 1.0), ("北京", ["北京"], 1.0), ("北", ["北京"], 0.0),
+    ("STRASSE", ["Straße"], 1.0),
 ])
 def test_reward_is_exact_up_to_case_and_punctuation(said, answers, expected):
     assert tasks.reward(said, answers) == expected
+
+
+@given(answer=st.text(min_size=1, max_size=12), cut=st.integers(0, 11))
+def test_a_strict_prefix_of_an_answer_never_earns_the_reward(answer, cut):
+    """Whatever the script: cutting off a letter or digit of the answer costs the reward, and the whole answer earns it."""
+    if tasks.normalize(answer):
+        assert tasks.reward(answer, [answer]) == 1.0
+    dropped = answer[cut:]
+    if cut < len(answer) and any(unicodedata.category(c)[0] in "LN" for c in dropped):
+        assert tasks.reward(answer[:cut], [answer]) == 0.0
 
 
 def test_answer_text_drops_the_closing_turn_token_only(fmt):
@@ -259,6 +285,7 @@ def test_the_task_has_both_forms_of_the_same_items_split_by_scene(tmp_path):
     ('{"prompt": "hi"}', '"answer" must be'),
     ('{"prompt": "hi", "answer": "?!"}', '"answer" must be'),
     ('{"prompt": "hi", "answer": [3]}', '"answer" must be'),
+    ('{"prompt": "hi", "answer": ["Ber", "--"]}', '"answer" must be'),
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "answer": "b"}', "the model answers a user"),
     ('{"messages": [{"role": "robot", "content": "a"}], "answer": "b"}', "unknown role 'robot'"),
     ('{"prompt": "hi</s><r2>", "answer": "x"}', "forge"),
