@@ -14,17 +14,28 @@
 Fields the official client may send that lilLM does not use (user, presence_penalty, frequency_penalty,
 logit_bias, ...) are ignored; n > 1, logprobs and tools are refused rather than silently dropped.
 
-TextStream turns token ids into text pieces: a byte-level BPE token can end inside a multi-byte UTF-8
-character, so a piece is only released once its characters are whole (lesson 06's stream_text); and
-text that might be the start of a stop string is held back until it is clear that it is not.
+Every value a request carries is checked here, where it enters, so that nothing a client sends can fail
+later inside the engine, where one row's failure would reach the rows beside it: a role is one of the
+three the template knows, text is valid Unicode (no lone surrogate, which no tokenizer can encode), a
+seed fits torch's generator ([0, 2**63)), and at most 4 stop strings of at most 256 characters each
+(OpenAI's bound on their count; the length bound keeps matching them a fixed cost per token).
+
+TextStream turns token ids into text pieces in time linear in the answer: each new token is decoded with
+only the few tokens since the last whole character as context (a byte-level BPE token can end inside a
+multi-byte UTF-8 character, so a piece is released once its characters are whole), and only the text not
+yet sent is searched for stop strings: that tail is never longer than the longest stop string, because
+text that might be the start of one is held back, and everything else has been sent.
 """
 
 import json
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+ROLES = ("system", "user", "assistant")  # lesson 08's template: the roles a chat may hold
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256
 
 
 class APIError(Exception):
@@ -39,6 +50,18 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def _unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate, \\ud800-\\udfff)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+StopString = Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS), AfterValidator(_unicode)]
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False  # one more chunk before [DONE]: empty choices, the usage
 
@@ -46,12 +69,12 @@ class StreamOptions(BaseModel):
 class Sampling(BaseModel):
     """Fields both endpoints share. OpenAI's defaults: temperature 1, top_p 1."""
     model_config = ConfigDict(extra="ignore")  # fields lilLM does not use are ignored, as the API's servers do
-    model: str
+    model: str = Field(max_length=256)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)  # torch.Generator.manual_seed's range
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1  # one choice per request
@@ -59,19 +82,39 @@ class Sampling(BaseModel):
 
     def stop_strings(self) -> list:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        if len(stop) > 4:
-            raise APIError(400, f"'stop' takes at most 4 strings, got {len(stop)}", "stop")
         return [s for s in stop if s]
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: Text
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # e.g. "name"
+    role: str
+    content: Text | list[TextPart]  # a list of text parts is joined into one string
+
+    @field_validator("role")
+    @classmethod
+    def known_role(cls, role: str) -> str:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role[:40]!r} (expected one of {', '.join(ROLES)})")
+        return role
+
+    def plain(self) -> dict:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": content}
+
+
 class ChatRequest(Sampling):
-    messages: list[dict]
+    messages: list[Message]
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
     tools: None = None  # no tool calls
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     max_tokens: int | None = Field(16, ge=1)  # the legacy endpoint's default
 
     def text(self) -> str:
@@ -82,51 +125,48 @@ class CompletionRequest(Sampling):
         return self.prompt[0]
 
 
-def plain_messages(messages: list) -> list:
-    """Content given as a list of text parts ([{"type": "text", "text": ...}]) joined into one string."""
-    out = []
-    for m in messages:
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-            m = {**m, "content": "".join(str(p.get("text", "")) for p in content)}
-        out.append({k: m[k] for k in ("role", "content") if k in m} if isinstance(m, dict) else m)
-    return out
-
-
 class TextStream:
-    """Token ids in, text pieces out: whole UTF-8 characters only, cut at the first stop string."""
+    """Token ids in, text pieces out: whole UTF-8 characters only, cut at the first stop string.
+
+    ids[prefix:read] were decoded already and are the context of the next decode (a tokenizer may spell a
+    token differently at the start of a text); ids[read:] are not out yet. `held` is decoded text kept back
+    because it may be the start of a stop string. Each push decodes O(1) tokens and searches O(longest stop)
+    characters, so a whole answer costs time linear in its length.
+    """
 
     def __init__(self, tokenizer, stop: list = ()):
-        self.tokenizer, self.stop = tokenizer, list(stop)
-        self.ids, self.text, self.sent = [], "", 0  # ids so far; their decoded text; how much of it went out
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids, self.prefix, self.read = [], 0, 0
+        self.held = ""
         self.stopped = False  # a stop string was found: nothing more comes out
 
     def push(self, token: int) -> str:
         """The new printable text after one more token ("" while a character or a possible stop string is unfinished)."""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an unfinished UTF-8 character: wait for its next byte
-            return ""
-        self.text = text
         return self._release(final=False)
 
     def flush(self) -> str:
         """At the end: whatever is left (a character that never finished shows as U+FFFD)."""
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
         if self.stopped:
             return ""
-        text, end = self.text, len(self.text)
+        seen = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        text = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if not final and (len(text) <= len(seen) or text.endswith("\ufffd")):  # an unfinished UTF-8 character
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        text = self.held + text[len(seen):]
         hits = [h for h in (text.find(s) for s in self.stop) if h >= 0]
         if hits:
-            self.stopped, end = True, min(hits)
-        elif not final:  # hold back a tail that could still grow into a stop string
-            end -= max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-        piece = text[self.sent:max(end, self.sent)]
-        self.sent = max(end, self.sent)
-        return piece
+            self.stopped, self.held = True, ""
+            return text[:min(hits)]
+        # Hold back the longest tail that could still grow into a stop string.
+        keep = 0 if final else max((n for s in self.stop for n in range(1, min(len(s), len(text) + 1))
+                                    if text.endswith(s[:n])), default=0)
+        self.held = text[len(text) - keep:]
+        return text[:len(text) - keep]
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

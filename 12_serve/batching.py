@@ -22,6 +22,10 @@ Lessons 05-06 keep one integer start_pos for the whole batch, unchanged; decode_
 with these three changes. A joiner's prefill is lesson 06's own forward on its prompt alone, its keys
 and values written straight into its row of the batch's cache (RowCache).
 
+Isolation: whatever belongs to one row (its prefill, its sampling, handing its token out) fails for that
+row alone, which ends with finish_reason "error" while the others go on; only a failure of the batched
+decode step itself, which no single row owns, ends every row.
+
 Layout: per layer, K and V are (max_batch, max_seq_len, n_kv_heads, head_dim); rows 0..n-1 are the
 running batch (a row that leaves is replaced by the last one, so the batch is always a prefix).
 Left out on purpose (what vLLM and SGLang add, notes.md): a paged KV cache (blocks allocated as a
@@ -35,6 +39,7 @@ import queue
 import secrets
 import sys
 import threading
+import traceback
 from importlib import import_module
 from pathlib import Path
 
@@ -110,6 +115,7 @@ class Request:
         self.emit = emit or (lambda token: None)
         self.tokens = []  # the new ids so far
         self.finish_reason = None  # "stop" (stop_id), "length" (max_new_tokens), "cancelled" or "error"
+        self.error = None  # with "error": what failed, e.g. "sampling: RuntimeError"
         self.cancelled = False  # set from outside (client gone, stop string seen): the row leaves at the next step
 
 
@@ -136,6 +142,8 @@ class Engine:
                              f"got {len(req.prompt)} + {req.max_new_tokens}")
         if not all(0 <= t < cfg.vocab_size for t in req.prompt):
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
+        if not 0 <= req.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {req.seed}")
         self.waiting.put_nowait(req)
         self.arrived.set()
 
@@ -171,22 +179,41 @@ class Engine:
         i = len(self.rows)
         self.rows.append(req)
         self.pos.append(len(req.prompt))
-        req.generator = torch.Generator(device=self.device).manual_seed(req.seed)
-        caches = [RowCache(k, v, i) for k, v in zip(self.k, self.v)]
-        logits, _ = self.model(torch.tensor([req.prompt], device=self.device), caches=caches)  # (1, T, vocab)
+        try:
+            req.generator = torch.Generator(device=self.device).manual_seed(req.seed)
+            caches = [RowCache(k, v, i) for k, v in zip(self.k, self.v)]
+            logits, _ = self.model(torch.tensor([req.prompt], device=self.device), caches=caches)  # (1, T, vocab)
+        except Exception as e:  # this row's own prefill: it alone fails (its cache row is rewritten by the next joiner)
+            self._fail(req, "prefill", e)
+            return self._leave(i, "error")
         if self._take(i, logits[0, -1]):
             self._leave(i, req.finish_reason)
 
+    def sample(self, req: Request, logits: torch.Tensor) -> int:
+        """One row's next token from its logits (vocab,): greedy, or drawn with the request's own generator."""
+        return int(generate.sample_next(logits[None], req.temperature, None, req.top_p, req.generator))
+
     def _take(self, i: int, logits: torch.Tensor) -> bool:
-        """Sample row i's next token from its logits (vocab,), emit it; True if the row has now ended."""
+        """Sample row i's next token, emit it; True if the row has now ended (its stop id, its length, or a failure)."""
         r = self.rows[i]
-        token = int(generate.sample_next(logits[None], r.temperature, None, r.top_p, r.generator))
-        r.tokens.append(token)
-        r.emit(token)
+        try:
+            token = self.sample(r, logits)
+            r.tokens.append(token)
+            r.emit(token)
+        except Exception as e:  # this row's own sampling or delivery: it alone ends
+            return self._fail(r, "sampling", e)
         if token == r.stop_id or len(r.tokens) >= r.max_new_tokens:
             r.finish_reason = "stop" if token == r.stop_id else "length"
             return True
         return False
+
+    @staticmethod
+    def _fail(req: Request, stage: str, e: Exception, log: bool = True) -> bool:
+        """Mark one request failed (it leaves with "error" at once); the traceback goes to the server's log."""
+        if log:
+            traceback.print_exception(e)
+        req.finish_reason, req.error = "error", f"{stage}: {type(e).__name__}"
+        return True
 
     def _leave(self, i: int, reason: str) -> None:
         """Row i leaves; the last row moves into its place (its cache copied), so the rows stay 0..n-1."""
@@ -203,7 +230,10 @@ class Engine:
     @staticmethod
     def _end(req: Request, reason: str) -> None:
         req.finish_reason = reason
-        req.emit(None)
+        try:
+            req.emit(None)
+        except Exception as e:  # its own delivery failed: nobody left to tell, and no other row is concerned
+            traceback.print_exception(e)
 
     def run(self, stop: threading.Event) -> None:
         """Step until `stop` is set; idle, wait for a request. A failing step ends its rows with "error", not the loop."""
@@ -214,10 +244,10 @@ class Engine:
                 continue
             try:
                 self.step()
-            except Exception:  # the program's edge: one bad step must not stop the server
-                import traceback
-
-                traceback.print_exc()
+            except Exception as e:  # the batched step itself failed: no single row owns it, so every row ends
+                traceback.print_exception(e)
+                for req in self.rows:
+                    self._fail(req, "decode step", e, log=False)
                 while self.rows:
                     self._leave(len(self.rows) - 1, "error")
 

@@ -18,7 +18,10 @@ only waits, so a thousand idle connections cost no compute.
 
 Safe by default: binds 127.0.0.1; --api_key makes /v1/* answer 401 without `Authorization: Bearer KEY`;
 bounded waiting queue; limits on prompt tokens, max_tokens, messages and body bytes; every bad request gets
-OpenAI's error JSON with a 4xx status; a client that disconnects mid-stream frees its row at the next step.
+OpenAI's error JSON with a 4xx status (api.py checks every field where it enters); a prompt too long to fit
+is refused by its length in characters before it is tokenized (a megabyte of text would hold the event
+loop for a second); a client that disconnects, streamed or not, frees its row at the next step; a request's
+tokens wait in a queue bounded by its max_tokens, however slowly its client reads.
 Left out on purpose: TLS (put a reverse proxy in front), per-key rate limits, n > 1, logprobs, tools.
 """
 
@@ -38,7 +41,7 @@ from pathlib import Path
 
 import torch
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -51,6 +54,7 @@ api = import_module("12_serve.api")
 template = import_module("08_sft.template")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
 PAGE = Path(__file__).resolve().parent / "index.html"
+UNION_TAGS = ("str", "int", "float", "bool", "list", "dict")
 
 
 @dataclass
@@ -105,7 +109,8 @@ class Answer:
                 if self.text.stopped:  # a stop string: the rest is not sent, the row leaves at the next step
                     return
             if self.req.finish_reason == "error":
-                raise api.APIError(500, "the model failed on this request", type="server_error", code="engine_error")
+                raise api.APIError(500, f"the model failed on this request ({self.req.error}); other requests are "
+                                   "unaffected", type="server_error", code="engine_error")
             yield self.text.flush()
         finally:
             self.req.cancelled = True  # also when the client went away: a closed stream lands here
@@ -135,6 +140,25 @@ class Answer:
             yield api.sse(self.reply.usage_chunk(self.usage))
         yield api.sse("[DONE]")
 
+    async def whole(self, request: Request) -> dict:
+        """The answer in one piece; the row leaves at the next step if the client hangs up before it is ready."""
+        async def cancel_on_disconnect():
+            while (await request.receive())["type"] != "http.disconnect":  # the body is read: only this can come
+                pass
+            self.req.cancelled = True
+
+        watcher = asyncio.create_task(cancel_on_disconnect())
+        try:
+            text = "".join([piece async for piece in self.pieces()])
+        finally:
+            watcher.cancel()
+        return self.reply.whole(text, self.finish_reason, self.usage)
+
+
+def longest_token(tokenizer) -> int:
+    """The most characters one token decodes to: a text of more than n x this many characters has more than n tokens."""
+    return max(len(tokenizer.decode([i])) for i in range(tokenizer.get_vocab_size()))
+
 
 def create_app(engine, tokenizer, name: str = "lillm", api_key: str | None = None, limits: Limits | None = None) -> FastAPI:
     """The FastAPI app serving `engine`'s model; the engine thread runs while the app does (its lifespan)."""
@@ -147,6 +171,7 @@ def create_app(engine, tokenizer, name: str = "lillm", api_key: str | None = Non
     except ValueError:  # a tokenizer without lesson 01's role tokens (an imported Llama): completions only
         fmt = None
     created = int(time.time())
+    max_prompt_chars = max_prompt * longest_token(tokenizer)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -167,10 +192,13 @@ def create_app(engine, tokenizer, name: str = "lillm", api_key: str | None = Non
 
     @app.exception_handler(RequestValidationError)  # FastAPI's 422: OpenAI answers 400
     async def on_invalid(request, e: RequestValidationError):
-        first = e.errors()[0]
+        # For a field that takes several shapes (stop: a string or a list), pydantic reports each shape's failure;
+        # the deepest says the most ("stop.0: at most 256 characters", not "stop: not a string").
+        first = max(e.errors(), key=lambda err: len(err["loc"]))
         if first["type"] == "json_invalid":
             return await on_api_error(request, api.APIError(400, f"the body is not valid JSON ({first['ctx']['error']})"))
-        loc = [str(x) for x in first["loc"] if x != "body"]
+        # The field's path: pydantic also names the member of a union it tried ("str", "list[...]"), dropped here.
+        loc = [str(x) for x in first["loc"] if isinstance(x, int) or x != "body" and x.isidentifier() and x not in UNION_TAGS]
         message = f"{'.'.join(loc) or 'body'}: {first['msg']}"
         return await on_api_error(request, api.APIError(400, message, loc[0] if loc else None))
 
@@ -208,8 +236,12 @@ def create_app(engine, tokenizer, name: str = "lillm", api_key: str | None = Non
         check_model(model_id)
         return card()
 
+    def too_long(what: str, param: str):
+        return api.APIError(400, f"the prompt has {what}; this server takes at most {max_prompt} tokens", param,
+                            "context_length_exceeded")
+
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: api.ChatRequest):
+    async def chat_completions(body: api.ChatRequest, request: Request):
         check_model(body.model)
         if fmt is None:
             raise api.APIError(400, "this model's tokenizer has no chat roles (lesson 01's <r0>..<r2>): use /v1/completions")
@@ -217,33 +249,42 @@ def create_app(engine, tokenizer, name: str = "lillm", api_key: str | None = Non
             raise api.APIError(400, "'messages' is empty: a chat needs at least one message", "messages")
         if len(body.messages) > limits.max_messages:
             raise api.APIError(400, f"{len(body.messages)} messages; this server takes at most {limits.max_messages}", "messages")
+        messages = [m.plain() for m in body.messages]
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > max_prompt_chars:
+            raise too_long(f"{chars:,} characters, more than that many tokens can hold", "messages")
         try:
-            ids, _ = fmt.encode(api.plain_messages(body.messages), add_generation_prompt=True)
+            ids, _ = fmt.encode(messages, add_generation_prompt=True)
         except ValueError as e:
             raise api.APIError(400, str(e), "messages") from None
-        return await start(body, ids, True, body.max_tokens or body.max_completion_tokens, "messages")
+        return await start(body, request, ids, True, body.max_tokens or body.max_completion_tokens, "messages")
 
     @app.post("/v1/completions")
-    async def completions(body: api.CompletionRequest):
+    async def completions(body: api.CompletionRequest, request: Request):
         check_model(body.model)
-        ids = tokenizer.encode(body.text()).ids
+        text = body.text()
+        if len(text) > max_prompt_chars:
+            raise too_long(f"{len(text):,} characters, more than that many tokens can hold", "prompt")
+        ids = tokenizer.encode(text).ids
         if not ids:
             raise api.APIError(400, "'prompt' is empty", "prompt")
-        return await start(body, ids, False, body.max_tokens, "prompt")
+        return await start(body, request, ids, False, body.max_tokens, "prompt")
 
-    async def start(body, ids: list, chat: bool, max_tokens: int | None, prompt_param: str):
+    async def start(body, request: Request, ids: list, chat: bool, max_tokens: int | None, prompt_param: str):
         """Check the lengths, queue the request, answer: a stream of events, or the whole answer once it ends."""
         room = cfg.max_seq_len - len(ids)  # positions left for the answer
         if len(ids) > max_prompt:
-            raise api.APIError(400, f"the prompt has {len(ids)} tokens; this server takes at most {max_prompt}",
-                               prompt_param, "context_length_exceeded")
+            raise too_long(f"{len(ids)} tokens", prompt_param)
         if max_tokens is not None and max_tokens > max_tokens_limit:
             raise api.APIError(400, f"max_tokens is {max_tokens}; this server allows at most {max_tokens_limit}", "max_tokens")
         if max_tokens is not None and max_tokens > room:
             raise api.APIError(400, f"This model's maximum context length is {cfg.max_seq_len} tokens; you requested "
                                f"{len(ids) + max_tokens} ({len(ids)} in the prompt, {max_tokens} for the completion)",
                                "max_tokens", "context_length_exceeded")
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        max_new = max_tokens or min(room, max_tokens_limit)
+        # Bounded: the engine puts at most max_new tokens and one end marker, so however slowly the client reads
+        # (uvicorn stops pulling from the stream while the socket's send buffer is full), nothing grows past that.
+        loop, events = asyncio.get_running_loop(), asyncio.Queue(max_new + 1)
 
         def emit(token):  # called on the engine's thread: hand the token to this request's event loop
             try:
@@ -251,8 +292,8 @@ def create_app(engine, tokenizer, name: str = "lillm", api_key: str | None = Non
             except RuntimeError:  # the loop has closed (the server is shutting down): no one is listening
                 pass
 
-        req = batching.Request(ids, max_tokens or min(room, max_tokens_limit),
-                               1.0 if body.temperature is None else body.temperature, body.top_p, body.seed, stop_id, emit)
+        req = batching.Request(ids, max_new, 1.0 if body.temperature is None else body.temperature, body.top_p,
+                               body.seed, stop_id, emit)
         try:
             engine.submit(req)
         except queue.Full:
@@ -263,8 +304,7 @@ def create_app(engine, tokenizer, name: str = "lillm", api_key: str | None = Non
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(answer.events_sse(include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        text = "".join([piece async for piece in answer.pieces()])
-        return answer.reply.whole(text, answer.finish_reason, answer.usage)
+        return await answer.whole(request)
 
     return app
 
@@ -273,7 +313,9 @@ class InThread:
     """`app` served by uvicorn on a thread of this process (the tests, the benchmark). port 0: a free port."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # Trap: proto must say TCP. asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets whose proto is
+        # IPPROTO_TCP; with proto 0, each response's body waited for the ACK of its headers: 44 ms per request.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))  # bound here, so the port is known before uvicorn starts and no one else takes it
         self.url = f"http://{host}:{sock.getsockname()[1]}"

@@ -183,6 +183,32 @@ def test_a_full_waiting_queue_refuses_at_once(model):
         batching.Engine(model).submit(batching.Request([20] * 100, 29))  # 129 positions > max_seq_len 128
 
 
+def test_a_failure_in_one_rows_sampling_ends_that_row_alone(model):
+    """One row's sampling raises mid-answer (and another's prefill fails): those two end with "error", every other
+    row's answer is the one it gets alone, and the engine keeps serving."""
+    prompts = [torch.randint(16, 400, (n,)).tolist() for n in (5, 9, 3, 7)]
+    engine = batching.Engine(model, max_batch=4)
+    sample = engine.sample
+
+    def faulty(req, logits):
+        if req is reqs[1] and len(req.tokens) == 3:
+            raise RuntimeError("injected")
+        return sample(req, logits)
+
+    engine.sample = faulty
+    reqs = [batching.Request(p, 12, stop_id=None) for p in prompts]
+    reqs[2].prompt = [10**6]  # past the vocabulary: its prefill fails (submit would refuse it; forced here)
+    run_engine(engine, reqs[:2] + reqs[3:], [0, 0, 1])
+    engine.join(reqs[2])
+    assert (reqs[1].finish_reason, reqs[1].error, len(reqs[1].tokens)) == ("error", "sampling: RuntimeError", 3)
+    assert (reqs[2].finish_reason, reqs[2].error) == ("error", "prefill: IndexError")
+    for i in (0, 3):
+        assert reqs[i].tokens == alone(model, prompts[i], 12, stop_id=None) and reqs[i].finish_reason == "length"
+    after = batching.Request(prompts[0], 5, stop_id=None)
+    run_engine(engine, [after], [0])
+    assert after.tokens == alone(model, prompts[0], 5, stop_id=None) and not engine.rows
+
+
 def test_demo_runs():
     out = subprocess.run([sys.executable, "12_serve/batching.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -207,6 +233,42 @@ def test_text_stream_cuts_at_a_stop_string_and_holds_back_its_beginning(tok):
     pieces = [stream.push(t) for t in ids]
     # Exactly the text before the stop string: had "king" gone out before the "!" came, it would be here too.
     assert "".join(pieces) == "The king, the " and stream.stopped and stream.flush() == ""
+
+
+class CountingTokenizer:
+    """A tokenizer that counts the ids it is asked to decode."""
+
+    def __init__(self, tok):
+        self.tok, self.decoded = tok, 0
+
+    def decode(self, ids, **kw):
+        self.decoded += len(ids)
+        return self.tok.decode(ids, **kw)
+
+
+@given(ids=st.lists(st.integers(0, 399), max_size=60), stop=st.one_of(st.none(), st.text(min_size=1, max_size=4)))
+def test_text_stream_gives_the_whole_decode_cut_at_the_stop_string(tok, ids, stop):
+    """Any ids, broken characters included: the pieces are the decode of all the ids, cut before the first stop
+    string; the text held back is never longer than the stop string, and each token is decoded O(1) times."""
+    counting = CountingTokenizer(tok)
+    stream = api.TextStream(counting, [stop] if stop else [])
+    pieces = []
+    for t in ids:
+        pieces.append(stream.push(t))
+        assert len(stream.held) < len(stop or "x")
+    pieces.append(stream.flush())
+    whole = tok.decode(ids, skip_special_tokens=True)
+    assert "".join(pieces) == (whole[:whole.index(stop)] if stop and stop in whole else whole)
+    assert counting.decoded <= 8 * len(ids) + 8
+
+
+def test_text_stream_decodes_a_long_answer_in_linear_time(tok):
+    """The old stream decoded all ids at every token (n^2 / 2 ids for n tokens); this one a few per token."""
+    ids = tok.encode(TEXT * 20).ids
+    counting = CountingTokenizer(tok)
+    stream = api.TextStream(counting, ["zzz" * 80])
+    assert "".join([stream.push(t) for t in ids] + [stream.flush()]) == TEXT * 20
+    assert counting.decoded < 6 * len(ids), f"{counting.decoded} ids decoded for {len(ids)} tokens"
 
 
 # ---- the server, through the official openai client ------------------------------------------------------
@@ -384,6 +446,21 @@ LONG = "the king " * 80  # > 127 tokens: past the window
     ("/v1/completions", {**GOOD, "n": 2}, 400, "n", None),
     ("/v1/completions", {**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
     ("/v1/completions", {**GOOD, "prompt": ""}, 400, "prompt", None),
+    # issue 20's hostile requests: refused where they enter, before anything reaches the engine
+    ("/v1/chat/completions", {"model": "lillm-test", "messages": [{"role": "user", "content": "hi"}],
+                              "seed": 18446744073709551616, "max_tokens": 4}, 400, "seed", None),
+    ("/v1/chat/completions", {"model": "lillm-test", "messages": [{"role": "user", "content": "hi"}],
+                              "seed": -2**70, "max_tokens": 4}, 400, "seed", None),
+    ("/v1/chat/completions", {"model": "lillm-test", "messages": [{"role": ["user"], "content": "hi"}]}, 400, "messages", None),
+    ("/v1/chat/completions", {"model": "lillm-test", "messages": [{"role": {"a": 1}, "content": "hi"}]}, 400, "messages", None),
+    ("/v1/completions", {"model": "lillm-test", "prompt": "ROMEO:", "max_tokens": 8, "temperature": 0,
+                         "stop": ["\u2603" * 120000]}, 400, "stop", None),
+    ("/v1/completions", {**GOOD, "stop": "x" * 257}, 400, "stop", None),
+    ("/v1/completions", '{"model": "lillm-test", "prompt": "a\\ud800b"}', 400, "prompt", None),  # a lone surrogate
+    ("/v1/chat/completions", '{"model": "lillm-test", "messages": [{"role": "user", "content": "\\udfff"}]}', 400, "messages", None),
+    ("/v1/chat/completions", {"model": "lillm-test", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "messages", None),
+    ("/v1/completions", {**GOOD, "prompt": "x" * 600_000}, 400, "prompt", "context_length_exceeded"),  # not tokenized
     ("/v1/completions", "{not json", 400, None, None),
     ("/v1/completions", "[1, 2]", 400, None, None),
     ("/v1/nowhere", GOOD, 404, None, None),
@@ -464,6 +541,119 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(live, model, tok):
     finally:
         rec.undo()
     assert httpx.post(live.url + "/v1/completions", json=GOOD).json()["choices"][0]["finish_reason"] == "length"
+
+
+def stream_texts(live, bodies: list) -> list:
+    """Each body streamed on its own thread at once; per body, its text and its error event (or None)."""
+    out = [None] * len(bodies)
+
+    def one(i):
+        text, error = "", None
+        with httpx.stream("POST", live.url + "/v1/completions", json={**bodies[i], "stream": True}, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    event = json.loads(line[6:])
+                    error = event.get("error", error)
+                    text += event["choices"][0]["text"] if event.get("choices") else ""
+        out[i] = (text, error)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    return threads, out
+
+
+def test_bad_requests_never_touch_the_streams_running_beside_them(live, model, tok):
+    """Issue 20's out-of-range seeds ended every stream beside them (500 engine_error for all): now each is a 400,
+    and 4 streams running meanwhile get exactly their answers alone."""
+    rec = Recorder(live.engine, delay=0.01)
+    prompts = ["The king", "Good night", "To be, or", "Who says"]
+    try:
+        threads, got = stream_texts(live, [{**GOOD, "prompt": p, "max_tokens": 30} for p in prompts])
+        while not rec.joins:
+            time.sleep(0.005)
+        for seed in (18446744073709551616, -2**70):
+            r = httpx.post(live.url + "/v1/chat/completions", json={"model": "lillm-test", "seed": seed, "max_tokens": 4,
+                                                                    "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        rec.undo()
+    want = [tok.decode(alone(model, tok.encode(p).ids, 30), skip_special_tokens=True) for p in prompts]
+    assert got == [(w, None) for w in want]
+
+
+def test_a_failing_row_gets_an_error_and_the_others_their_answers(live, model, tok):
+    """A failure injected into one request's sampling while 3 others stream: that request alone gets the error
+    (an error event when streamed, a 500 when not); the others finish with their normal answers."""
+    engine, prompts = live.engine, ["The king", "Good night", "To be, or", "Who says"]
+    sample = engine.sample
+
+    def faulty(req, logits):
+        if req.seed == 666 and len(req.tokens) == 4:
+            raise RuntimeError("injected")
+        return sample(req, logits)
+
+    engine.sample, rec = faulty, Recorder(engine, delay=0.01)
+    try:
+        bodies = [{**GOOD, "prompt": p, "max_tokens": 30, "seed": 666 if i == 1 else 1} for i, p in enumerate(prompts)]
+        threads, got = stream_texts(live, bodies)
+        for t in threads:
+            t.join(timeout=60)
+        whole = httpx.post(live.url + "/v1/completions", json={**GOOD, "max_tokens": 30, "seed": 666})
+    finally:
+        rec.undo()
+        del engine.sample
+    assert got[1][1]["code"] == "engine_error" and "sampling: RuntimeError" in got[1][1]["message"]
+    assert whole.status_code == 500 and whole.json()["error"]["code"] == "engine_error"
+    for i in (0, 2, 3):
+        assert got[i] == (tok.decode(alone(model, tok.encode(prompts[i]).ids, 30), skip_special_tokens=True), None)
+    assert httpx.post(live.url + "/v1/completions", json=GOOD).status_code == 200
+
+
+def test_health_answers_at_once_while_the_longest_stop_strings_are_matched(live):
+    """4 stop strings of the most characters allowed, never matching, checked at every token of a long answer:
+    the event loop stays free (before: one 120,000-character stop string held /health for 2.6 s)."""
+    stops = ["\u2603" * api.MAX_STOP_CHARS, "ab" * (api.MAX_STOP_CHARS // 2), "the " * (api.MAX_STOP_CHARS // 4),
+             "e" * api.MAX_STOP_CHARS]
+    threads, got = stream_texts(live, [{**GOOD, "max_tokens": 100, "stop": stops} for _ in range(4)])
+    latencies = []
+    with httpx.Client(base_url=live.url) as http:  # one connection: a new client costs tens of ms by itself
+        while any(t.is_alive() for t in threads):
+            start = time.perf_counter()
+            assert http.get("/health").status_code == 200
+            latencies.append(time.perf_counter() - start)
+    assert all(error is None for _, error in got) and len(latencies) > 3
+    assert max(latencies) < 0.1, f"/health took up to {max(latencies) * 1e3:.0f} ms"
+
+
+def test_a_non_streamed_request_is_cancelled_when_its_client_leaves(live):
+    """Before: the row decoded to its end (116 tokens after the client left at 50 ms). Now it leaves within two steps."""
+    rec = Recorder(live.engine, delay=0.02)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(live.url + "/v1/completions", json={**GOOD, "max_tokens": 100}, timeout=0.1)
+        steps_at_leave = live.engine.steps
+        wait_idle(live.url)
+        reason, produced, asked = rec.ended[-1]
+        assert reason == "cancelled" and live.engine.steps - steps_at_leave <= 2, (produced, asked)
+    finally:
+        rec.undo()
+
+
+def test_a_client_that_never_reads_holds_no_row(live, model, tok):
+    """A streamed request whose client sends it and never reads: its row still ends when its answer does (the
+    tokens wait in a queue bounded by max_tokens, the socket's buffer after it), and other requests are served."""
+    body = json.dumps({**GOOD, "max_tokens": 100, "stream": True}).encode()
+    host, port = live.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        other = httpx.post(live.url + "/v1/completions", json=GOOD).json()
+        assert other["choices"][0]["text"] == tok.decode(alone(model, tok.encode("The king").ids, 4), skip_special_tokens=True)
+        assert wait_idle(live.url)["running"] == 0  # its answer is done, though nothing of it has been read
 
 
 # ---- loading: the one command, Hugging Face directories --------------------------------------------------
