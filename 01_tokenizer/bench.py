@@ -1,20 +1,13 @@
-"""Benchmarks for notes.md: BPE from scratch against the library, and the token-file preparation.
+"""Benchmarks for notes.md and BENCHMARKS.md: BPE from scratch against the library, and the token files.
 
-  bpe      train bpe.py and `tokenizers` on the default corpus at vocab 8192, in one run; check that
-           the merges are equal, print both times.
-  plain    bpe.py's two trainers, train_plain (recounts every pair every merge) and ByteLevelBPE.train
-           (kept counts, a heap), on the first ~200 KB of the corpus at vocab 1024; best of 3 runs each.
-  prepare  throughput of prepare.py (read, split, encode, write) in MB/s and tokens/s against a bare
-           Tokenizer.encode_batch over the same text held in memory: on the default corpus (one
-           shard, this process), then at scale: the corpus 12x over (60 MB) in 8 parquet files
-           (shards) encoded by a pool of --workers processes (default: one per core; each pays ~1 s
-           of CPU to start, import datasets and open its first file), best of 3 runs interleaved
-           with the bare ones. Then the peak RSS of
-           the prepare command on the default corpus and on one 4x larger (a JSONL file holding it
-           four times). Bounded memory means the two peaks are about equal.
+  bpe      bpe.py and `tokenizers` trained on the default corpus at vocab 8192; both times, merges equal.
+  plain    bpe.py's train_plain against ByteLevelBPE.train on the first ~200 KB at vocab 1024, best of 3.
+  prepare  prepare.py's MB/s and tokens/s against a bare encode_batch over the same text in memory, on the
+           default corpus (one shard, this process) and at scale (the corpus 12x in 8 parquet shards, a pool
+           of --workers processes), best of 3 interleaved runs; then prepare.py's peak RSS on the default
+           corpus and on one 4x larger: bounded memory means the two peaks are about equal.
 
-Timings are wall-clock on whatever else the machine is doing: run it on a quiet machine.
-Left out on purpose: repeated runs and error bars; the figures are for orders of magnitude.
+Wall times stretch on a busy machine; CPU seconds (this process and its finished children) are fairer.
 
 Demo: python 01_tokenizer/bench.py              (all three, ~3 minutes on 2 cores)
       python 01_tokenizer/bench.py --only plain    (~15 s)
@@ -44,20 +37,16 @@ tokenizer_lib = import_module("01_tokenizer.tokenizer")
 prepare = import_module("01_tokenizer.prepare")
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process (all threads) and of its children that have ended (a pool's workers)."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-def timed(fn):
-    """(result, wall seconds, CPU seconds of this process and its finished children) of fn().
-
-    CPU time is the fairer figure on a shared machine: other processes stretch the wall clock.
-    """
-    wall, cpu = time.perf_counter(), cpu_seconds()
-    result = fn()
-    return result, time.perf_counter() - wall, cpu_seconds() - cpu
+def timed(fn, repeat: int = 1):
+    """(result, wall s, CPU s of this process and its finished children: a pool's workers) of fn(), the fastest
+    of `repeat` runs (single runs of 0.1 s are noisy)."""
+    runs = []
+    for _ in range(repeat):
+        t, wall = os.times(), time.perf_counter()
+        result = fn()
+        u = os.times()
+        runs.append((result, time.perf_counter() - wall, sum(u[:4]) - sum(t[:4])))
+    return runs[0][0], min(r[1] for r in runs), min(r[2] for r in runs)
 
 
 def bench_bpe(docs: list[str], vocab_size: int):
@@ -65,8 +54,7 @@ def bench_bpe(docs: list[str], vocab_size: int):
     mine, t_mine, cpu_mine = timed(lambda: bpe.ByteLevelBPE.train(docs, vocab_size, tokenizer_lib.SPECIAL_TOKENS))
     lib_merges = [tuple(m) for m in json.loads(lib.to_str())["model"]["merges"]]
     same = mine.merges == lib_merges and mine.vocab == lib.get_vocab()
-    chars = sum(map(len, docs))
-    print(f"BPE training on {chars / 1e6:.2f} M characters, vocab {vocab_size} ({len(lib_merges)} merges)")
+    print(f"BPE training on {sum(map(len, docs)) / 1e6:.2f} M characters, vocab {vocab_size} ({len(lib_merges)} merges)")
     print(f"  tokenizers (Rust)   {t_lib:5.1f} s wall  {cpu_lib:5.1f} s CPU (all threads)")
     print(f"  bpe.py (Python)     {t_mine:5.1f} s wall  {cpu_mine:5.1f} s CPU   "
           f"({t_mine / t_lib:.1f}x the library's wall time)")
@@ -78,14 +66,9 @@ def bench_plain(docs: list[str], chars: int, vocab_size: int):
     starts = itertools.accumulate(map(len, docs), initial=0)
     excerpt = [d for d, start in zip(docs, starts) if start <= chars]  # up to the first document past `chars`
     args = (excerpt, vocab_size, tokenizer_lib.SPECIAL_TOKENS)
-
-    def best_of_3(fn):  # (result, wall s, CPU s), the fastest of 3 runs: single runs of 0.1 s are noisy
-        runs = [timed(fn) for _ in range(3)]
-        return runs[0][0], min(r[1] for r in runs), min(r[2] for r in runs)
-
-    _, t_count, cpu_count = best_of_3(lambda: bpe.count_words(excerpt, tokenizer_lib.SPECIAL_TOKENS))
-    plain, t_plain, cpu_plain = best_of_3(lambda: bpe.train_plain(*args))
-    fast, t_fast, cpu_fast = best_of_3(lambda: bpe.ByteLevelBPE.train(*args))
+    _, t_count, cpu_count = timed(lambda: bpe.count_words(excerpt, tokenizer_lib.SPECIAL_TOKENS), 3)
+    plain, t_plain, cpu_plain = timed(lambda: bpe.train_plain(*args), 3)
+    fast, t_fast, cpu_fast = timed(lambda: bpe.ByteLevelBPE.train(*args), 3)
     same = plain.merges == fast.merges and plain.vocab == fast.vocab
     print(f"BPE trainers on {sum(map(len, excerpt)) / 1e6:.2f} M characters, vocab {vocab_size} "
           f"({len(fast.merges)} merges), best of 3")
@@ -97,6 +80,31 @@ def bench_plain(docs: list[str], chars: int, vocab_size: int):
     assert same, "train_plain and ByteLevelBPE.train must learn the same merges"
 
 
+def throughput(title: str, label: str, tok, docs: list[str], n: int, spec: str, tok_path, out: Path, workers):
+    """Bare encode_batch and encode_batch_fast over `docs` n times, against prepare.prepare(spec) (which holds
+    them n times over), interleaved, best of 3; one row each in MB/s and tokens/s."""
+    mb = n * sum(len(d.encode("utf-8")) for d in docs) / 1e6
+    runs = {"bare": [], "fast": [], "prepare": []}  # (wall, CPU) seconds
+    for k in range(3):  # interleaved: on a shared machine other jobs slow down single runs
+        counts, *seconds = timed(lambda: [sum(len(e.ids) + 1 for e in tok.encode_batch(docs, add_special_tokens=False))
+                                          for _ in range(n)])  # + 1: the </s> after each document
+        n_tokens = sum(counts)
+        runs["bare"].append(seconds)
+        runs["fast"].append(timed(lambda: [tok.encode_batch_fast(docs, add_special_tokens=False) for _ in range(n)])[1:])
+        meta, *seconds = timed(lambda: prepare.prepare(spec, tok_path, out / str(k), workers=workers, progress=False))
+        runs["prepare"].append(seconds)
+        assert meta["train_tokens"] + meta["val_tokens"] == n_tokens, "prepare must write exactly the encoded tokens"
+    best = {name: min(times) for name, times in runs.items()}
+    print(f"{title}: {mb:.2f} MB, {n_tokens:,} tokens ({os.cpu_count()} cores, best of 3)")
+    for name, (seconds, cpu) in [("encode_batch (bare, text in RAM)", best["bare"]),
+                                 ("encode_batch_fast (bare)", best["fast"]),
+                                 (f"prepare.prepare {label}", best["prepare"])]:
+        print(f"  {name:37s} {seconds:5.1f} s wall ({cpu:5.1f} s CPU)  {mb / seconds:5.2f} MB/s  "
+              f"{n_tokens / seconds / 1e3:5.0f} k tokens/s")
+    print(f"  prepare: {best['bare'][0] / best['prepare'][0]:.0%} of bare encode_batch's MB/s "
+          f"({best['fast'][0] / best['prepare'][0]:.0%} of encode_batch_fast's)")
+
+
 # Runs a script and prints its peak RSS (VmHWM) at exit. Not getrusage: Linux keeps ru_maxrss across
 # fork and exec, so a child would report this (large) benchmark process' memory as its own.
 PEAK_RSS_WRAPPER = """import atexit, runpy, sys
@@ -105,81 +113,56 @@ sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name='__main__')"""
 
 
-def peak_rss_mb(script: str, *args: str) -> float:
-    """Peak resident memory, in MB, of `python script args...` (Linux: read from /proc/self/status)."""
-    cmd = [sys.executable, "-c", PEAK_RSS_WRAPPER, script, *args]
+def peak_rss_mb(*args: str) -> float:
+    """Peak resident memory, in MB, of `python 01_tokenizer/prepare.py args...` (Linux: /proc/self/status)."""
+    cmd = [sys.executable, "-c", PEAK_RSS_WRAPPER, "01_tokenizer/prepare.py", *args]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, f"{script} {' '.join(args)} failed: {result.stderr}"
+    assert result.returncode == 0, f"prepare.py {' '.join(args)} failed: {result.stderr}"
     return int(result.stderr.strip().splitlines()[-1].split()[1]) / 1024  # "VmHWM:  123456 kB"
 
 
 def bench_prepare(docs: list[str], tok_path: Path, work: Path, scale: int, parquet_scale: int, workers: int | None):
     tok = tokenizer_lib.load_tokenizer(tok_path)
-    mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
-    encodings, t_bare, cpu_bare = timed(lambda: tok.encode_batch(docs, add_special_tokens=False))
-    n_tokens = sum(len(e.ids) for e in encodings) + len(docs)  # + one </s> per document, as in the files
-    del encodings
-    _, t_fast, cpu_fast = timed(lambda: tok.encode_batch_fast(docs, add_special_tokens=False))
-    meta, t_prep, cpu_prep = timed(lambda: prepare.prepare("shakespeare", tok_path, work / "x0", progress=False))
-    assert meta["train_tokens"] + meta["val_tokens"] == n_tokens, "prepare must write exactly the encoded tokens"
-    print(f"Token files for {mb:.2f} MB, {n_tokens:,} tokens ({os.cpu_count()} cores)")
-    rows = [("encode_batch (bare, text in RAM)", t_bare, cpu_bare), ("encode_batch_fast (bare)", t_fast, cpu_fast),
-            ("prepare.prepare (read+encode+write)", t_prep, cpu_prep)]
-    for name, seconds, cpu in rows:
-        print(f"  {name:37s} {seconds:5.1f} s wall ({cpu:5.1f} s CPU)  {mb / seconds:5.2f} MB/s  "
-              f"{n_tokens / seconds / 1e3:5.0f} k tokens/s")
-
-    # At scale: the corpus n times over in 8 parquet files (shards), tokenized by a pool of processes.
+    throughput("Token files for the default corpus", "(read+encode+write)", tok, docs, 1, "shakespeare", tok_path,
+               work / "x0", 1)
     n, shard_dir = parquet_scale, work / f"parquet_x{parquet_scale}"
     shard_dir.mkdir()
     for k in range(8):
         part = [d for i, d in enumerate(docs * n) if i % 8 == k]  # every shard a mix of the whole corpus
         pq.write_table(pa.table({"text": part}), shard_dir / f"{k}.parquet", row_group_size=64)
-    runs = {"bare": [], "fast": [], "prepare": []}  # (wall, CPU) seconds
-    for _ in range(3):  # interleaved, best of 3: on a shared machine other jobs slow down single runs
-        runs["bare"].append(timed(lambda: [tok.encode_batch(docs, add_special_tokens=False) for _ in range(n)])[1:])
-        runs["fast"].append(timed(lambda: [tok.encode_batch_fast(docs, add_special_tokens=False) for _ in range(n)])[1:])
-        meta_n, *seconds = timed(lambda: prepare.prepare(str(shard_dir / "*.parquet"), tok_path, work / f"xp{n}",
-                                                          workers=workers, progress=False))
-        runs["prepare"].append(seconds)
-        assert meta_n["train_tokens"] + meta_n["val_tokens"] == n * n_tokens
-    best = {name: min(times) for name, times in runs.items()}
-    n_workers = min(workers or prepare.shards.cpu_count(), 8)
-    print(f"At scale: {mb * n:.1f} MB in 8 parquet shards, {n * n_tokens:,} tokens (best of 3)")
-    rows = [("encode_batch (bare, text in RAM)", *best["bare"]), ("encode_batch_fast (bare)", *best["fast"]),
-            (f"prepare.prepare, {n_workers} worker processes", *best["prepare"])]
-    for name, seconds, cpu in rows:
-        print(f"  {name:37s} {seconds:5.1f} s wall ({cpu:5.1f} s CPU)  {mb * n / seconds:5.2f} MB/s  "
-              f"{n * n_tokens / seconds / 1e3:5.0f} k tokens/s")
-    print(f"  prepare at scale: {best['bare'][0] / best['prepare'][0]:.0%} of bare encode_batch's MB/s "
-          f"({best['fast'][0] / best['prepare'][0]:.0%} of encode_batch_fast's)")
+    n_workers = min(workers or prepare.cpu_count(), 8)
+    throughput("At scale, in 8 parquet shards", f"({n_workers} worker processes)", tok, docs, n,
+               str(shard_dir / "*.parquet"), tok_path, work / "xp", workers)
 
     big = work / f"shakespeare_x{scale}.jsonl"
     with open(big, "w", encoding="utf-8") as f:
         for _ in range(scale):
             f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
-    command = ["01_tokenizer/prepare.py", "--tokenizer", str(tok_path)]
-    rss_imports = peak_rss_mb(*command, "--help")  # imports and argument parsing only
-    rss_1 = peak_rss_mb(*command, "--out-dir", str(work / "x1"))
-    rss_n, t_n, _ = timed(lambda: peak_rss_mb(*command, "--corpus", str(big), "--out-dir", str(work / f"x{scale}")))
+    mb = sum(len(d.encode("utf-8")) for d in docs) / 1e6
+    rss_imports = peak_rss_mb("--tokenizer", str(tok_path), "--help")  # imports and argument parsing only
+    rss_1 = peak_rss_mb("--tokenizer", str(tok_path), "--out_dir", str(work / "x1"))
+    rss_n, t_n, _ = timed(lambda: peak_rss_mb("--tokenizer", str(tok_path), "--corpus", str(big),
+                                              "--out_dir", str(work / f"x{scale}")))
     print(f"Peak RSS of python 01_tokenizer/prepare.py (imports alone: {rss_imports:.0f} MB)")
     print(f"  default corpus  ({mb:5.1f} MB)  {rss_1:5.0f} MB")
     print(f"  {scale}x the corpus   ({mb * scale:5.1f} MB)  {rss_n:5.0f} MB   "
           f"({mb * scale / t_n:.2f} MB/s end to end, process start included)")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Benchmarks of lesson 01: BPE training and token-file preparation.")
     parser.add_argument("--only", choices=["bpe", "plain", "prepare"], help="run one benchmark (default: all)")
-    parser.add_argument("--vocab-size", type=int, default=tokenizer_lib.DEFAULT_VOCAB_SIZE,
+    parser.add_argument("--vocab_size", "--vocab-size", type=int, default=tokenizer_lib.DEFAULT_VOCAB_SIZE,
                         help="vocab size for bpe and prepare (default 8192)")
-    parser.add_argument("--plain-chars", type=int, default=200_000, help="corpus size for plain (default 200000)")
-    parser.add_argument("--plain-vocab-size", type=int, default=1024, help="vocab size for plain (default 1024)")
+    parser.add_argument("--plain_chars", "--plain-chars", type=int, default=200_000,
+                        help="corpus size for plain (default 200000)")
+    parser.add_argument("--plain_vocab_size", "--plain-vocab-size", type=int, default=1024,
+                        help="vocab size for plain (default 1024)")
     parser.add_argument("--scale", type=int, default=4, help="the larger corpus is this many copies of the default one")
-    parser.add_argument("--parquet-scale", type=int, default=12,
+    parser.add_argument("--parquet_scale", "--parquet-scale", type=int, default=12,
                         help="the parquet corpus prepared by a pool of processes is this many copies (default 12)")
     parser.add_argument("--workers", type=int, default=None, help="prepare's processes at scale (default: one per core)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     docs = list(corpus.documents("shakespeare"))
     if args.only in (None, "bpe"):

@@ -8,24 +8,18 @@ start from the 256 bytes and repeatedly glue the most frequent adjacent pair int
         (a, b) = argmax over pairs of  sum_w count(w) * #(a, b) in w,  ties -> the smallest (id_a, id_b)
         vocab += [a + b];  merges += [(a, b)];  replace (a, b) by a + b in every word
 
-Two trainers learn the same merges: `train_plain` is that loop as written (read it first);
-`ByteLevelBPE.train` keeps the pair counts instead of recounting them: 60-230x faster (notes.md).
-
-Encoding a new word replays the merges: the pair that was learned first (lowest rank) is merged
-first, one occurrence at a time, leftmost first. Pairs never cross a pre-token boundary, so "the,"
-is never one token ("the" and "," are separate pieces); special tokens ("<s>") are cut out first.
-
-What this file copies from the library, exactly (each one is a way to disagree with it):
+`train_plain` is that loop as written (read it first); `ByteLevelBPE.train` keeps the pair counts
+instead of recounting them, 60-230x faster, to the same merges. Encoding replays the merges: in each
+pre-token (pairs never cross one: "the," is "the" + ","), the lowest-rank pair first, leftmost first;
+special tokens ("<s>") are cut out first. What this file copies from the library, exactly:
   ids         special tokens first (0..15), then the 256 byte characters sorted by code point
               ("!" = 16 ... "~" = 109, ..., "Ġ" = 236 is the space byte), then merges in order.
   ties        equal counts go to the pair with the smaller (id_a, id_b): ids, not strings.
   overlaps    "aaa" merges (a, a) once, at the left: "aaa" -> [aa, a], never [a, aa].
-  same string if two merges spell one string ("ab"+"c", "a"+"bc"), the token keeps its first id and a
-              pair merged twice its last rank. Never seen in practice (notes.md); the code does it anyway.
-
+  same string two merges spelling one string keep its first id; a pair merged twice its last rank (notes.md §4).
 Left out on purpose: min_frequency, limit_alphabet, dropout, continuing-subword prefixes, Unicode
-normalization, parallelism. Pure Python: `train` takes 1-2x the library's time on the default
-corpus (notes.md); the library is the one to use (tokenizer.py), this file is the one to read.
+normalization, parallelism. Pure Python, 1-2x the library's time on the default corpus (notes.md):
+the library is the one to use (tokenizer.py), this file is the one to read.
 
 Demo: python 01_tokenizer/bpe.py
 """

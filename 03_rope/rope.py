@@ -32,16 +32,20 @@ def precompute_rope(head_dim: int, max_seq_len: int, theta: float = 10000.0) -> 
     return torch.stack([angles.cos(), angles.sin()], dim=-1).float()  # (T, D/2, 2)
 
 
-def apply_rope(x: torch.Tensor, table: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-    """Rotate x (B, T, n_heads, head_dim) as positions start_pos .. start_pos+T-1."""
+def apply_rope(x: torch.Tensor, table: torch.Tensor, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+    """Rotate x (B, T, n_heads, head_dim) as positions start_pos .. start_pos+T-1. start_pos is one int for the
+    whole batch, or a (B,) tensor when each row is at a position of its own (lesson 12's continuous batching)."""
     B, T, H, D = x.shape
     assert table.shape[1] * 2 == D, f"table is for head_dim {table.shape[1] * 2}, x has {D}"
-    assert start_pos + T <= table.shape[0], (
-        f"positions up to {start_pos + T - 1} need a table of at least {start_pos + T} rows, "
-        f"it has {table.shape[0]} (raise max_seq_len)"
-    )
-    cos, sin = table[start_pos : start_pos + T].unbind(-1)  # each (T, D/2)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2) broadcast over B, H
+    if isinstance(start_pos, int):
+        assert start_pos + T <= table.shape[0], (
+            f"positions up to {start_pos + T - 1} need a table of at least {start_pos + T} rows, "
+            f"it has {table.shape[0]} (raise max_seq_len)"
+        )
+        cos, sin = table[start_pos : start_pos + T][None].unbind(-1)  # each (1, T, D/2)
+    else:  # row b at positions start_pos[b] + 0..T-1 (not checked here: reading the tensor would sync a GPU)
+        cos, sin = table[start_pos[:, None] + torch.arange(T, device=start_pos.device)].unbind(-1)  # each (B, T, D/2)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (1 or B, T, 1, D/2) broadcast over heads
     # Rotate in float32 like the table; the result is cast back to x's dtype.
     x_even, x_odd = x.float().reshape(B, T, H, D // 2, 2).unbind(-1)  # each (B, T, H, D/2)
     rotated = torch.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos], dim=-1)  # (B, T, H, D/2, 2)

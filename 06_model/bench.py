@@ -1,17 +1,12 @@
 """Benchmark: LilLM against transformers' LlamaForCausalLM with the same config and the same weights.
 
-Both models are built in this process from one set of weights (hf.py's mapping) and measured in
-alternation, step by step, so a machine shared with other jobs slows both alike: read the RATIOS.
-Printed: the fp32 and bf16 matmul peak measured now, training-step throughput (forward + backward +
-AdamW) and MFU per mode, and greedy generation tokens/s at batch 1 and 8: lilLM's decode step eager,
-compiled, and with int8 weights (int8.py), against transformers in float32.
+Both models are built here from one set of weights (hf.py's mapping) and timed in alternation, step by step,
+so a shared machine slows both alike: read the RATIOS (notes.md, Speed; figures in BENCHMARKS.md). Printed:
+the matmul peak, training-step throughput and MFU per mode, greedy tokens/s at batch 1 and 8 (lilLM's decode
+step eager, compiled, int8) against transformers in float32. On a shared machine, --threads 1.
 
-    python 06_model/bench.py                                   # everything, default config (hours in bf16 on AVX2)
     python 06_model/bench.py --threads 1 --steps 2 --modes fp32,fp32+compile   # notes.md's run, ~35 min
-    python 06_model/bench.py --only train --modes fp32 --steps 2
     python 06_model/bench.py --only generate --new_tokens 64 --gen_batches 1
-
-On a machine shared with other jobs, --threads 1: a second thread mostly waits for a busy core.
 """
 
 import argparse
@@ -32,6 +27,7 @@ lillm = import_module("06_model.model")
 hf = import_module("06_model.hf")
 int8 = import_module("06_model.int8")
 generate = import_module("06_model.generate")
+weights = import_module("06_model.weights")
 
 MODES = ["fp32", "bf16", "fp32+compile", "bf16+compile"]
 GEN_MODES = ["eager", "compile", "int8", "int8+compile"]
@@ -73,7 +69,6 @@ def bench_train(model, args, peaks):
     results = {}
     for mode in args.modes:
         bf16, compiled = mode.startswith("bf16"), mode.endswith("+compile")
-        ours, ref = copy.deepcopy(model).train(), reference(model).train()
 
         def step(net, is_ref, opt):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -83,10 +78,8 @@ def bench_train(model, args, peaks):
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        runs = []
-        for net, is_ref in ((ours, False), (ref, True)):
-            opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.1)
-            runs.append((torch.compile(net) if compiled else net, is_ref, opt, []))
+        runs = [(torch.compile(net) if compiled else net, is_ref, torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.1), [])
+                for net, is_ref in ((copy.deepcopy(model).train(), False), (reference(model).train(), True))]
         for i in range(args.warmup + args.steps):  # alternate the two models step by step
             for net, is_ref, opt, times in runs:
                 dt = timed(lambda: step(net, is_ref, opt))
@@ -128,11 +121,8 @@ def bench_generate(model, args):
 
             # warm-up (and compilation) and the correctness check
             same = min(int8.equal_prefix(a, b) for a, b in zip(ours(), theirs()[:, P:].tolist()))
-            t_ours, t_ref = [], []
-            for _ in range(args.repeats):
-                t_ours.append(timed(ours))
-                t_ref.append(timed(theirs))
-            a, b = B * N / statistics.median(t_ours), B * N / statistics.median(t_ref)
+            times = [(timed(ours), timed(theirs)) for _ in range(args.repeats)]  # in alternation
+            a, b = (B * N / statistics.median(t) for t in zip(*times))
             print(f"{B:5d} {mode:13s} {a:12.1f} {b:10.1f} {a / b:6.2f}  {same}/{N}", flush=True)
 
 
@@ -152,13 +142,12 @@ def main():
     parser.add_argument("--peak_n", type=int, default=2048, help="matmul size for the peak FLOP/s")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     args = parser.parse_args()
-    args.modes = args.modes.split(",")
-    args.gen_modes = args.gen_modes.split(",")
+    args.modes, args.gen_modes = args.modes.split(","), args.gen_modes.split(",")
     args.gen_batches = [int(b) for b in args.gen_batches.split(",")]
-    if bad := set(args.modes) - set(MODES):
-        sys.exit(f"unknown modes {sorted(bad)}: choose from {MODES}")
-    if bad := set(args.gen_modes) - set(GEN_MODES):
-        sys.exit(f"unknown generation modes {sorted(bad)}: choose from {GEN_MODES}")
+    with weights.one_line_errors():
+        for given, known in ((args.modes, MODES), (args.gen_modes, GEN_MODES)):
+            if bad := set(given) - set(known):
+                raise ValueError(f"unknown modes {sorted(bad)}: choose from {known}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = lillm.LilLM(lillm.ModelConfig())

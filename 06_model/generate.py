@@ -4,15 +4,10 @@
     decode:   x_{t+1} ~ sample(model(x_t, start_pos=t)) one new position per step, attending to the cache
     sample:   greedy (temperature 0), or softmax(logits / temperature) cut to the top-k, then to the top-p
 
-Byte-level BPE tokens are bytes, not characters: a token can end halfway through a multi-byte UTF-8
-character (é, 日). So stream_text prints a decode of ALL tokens so far, and a step whose decode ends in
-the replacement character U+FFFD (an unfinished character) waits for the next token.
+Byte-level BPE tokens can end halfway through a UTF-8 character: stream_text waits for the next token
+then (notes.md, Streaming). Left out on purpose: beam search, repetition penalties, dropping finished rows.
 
-Left out on purpose: beam search, repetition penalties, dropping finished rows from the batch.
-
-Usage:
     python 06_model/generate.py --checkpoint out/ckpt_best --prompt "Once upon a time"
-    python 06_model/generate.py --checkpoint out/hf --prompt "..." --temperature 0   # greedy, HF export dir
     python 06_model/generate.py --checkpoint out/ckpt_best --prompt "..." --int8 --compile  # fastest on a CPU
 """
 
@@ -29,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one imp
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 gqa = import_module("05_gqa.gqa")
+weights = import_module("06_model.weights")
 
 _compiled = weakref.WeakKeyDictionary()  # model -> its compiled one-token step, built on first use
 
@@ -128,15 +124,11 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, **sampling):
             shown = text
 
 
-HOW_TO_GET_ONE = ("train one with `python 07_pretrain_ddp/train.py`, or import a Hugging Face Llama with "
-                  "`python 06_model/hf.py import --hf_dir DIR --out model.safetensors`")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Generate text from a lilLM checkpoint (streams to stdout).")
     parser.add_argument("--checkpoint", help="save_model file, out/ckpt_*/ directory or Hugging Face export directory")
     parser.add_argument("--prompt", default="", help="text to continue")
-    parser.add_argument("--tokenizer", default="data/tokenizer.json", help="lesson 01's tokenizer.json")
+    parser.add_argument("--tokenizer", help="lesson 01's tokenizer.json (default: beside the checkpoint, else data/tokenizer.json)")
     parser.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate at most")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     parser.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
@@ -147,19 +139,14 @@ def main(argv=None):
     parser.add_argument("--int8", action="store_true",
                         help="int8 weight-only matrices (06_model/int8.py): a quarter of the bytes per token")
     args = parser.parse_args(argv)
-    if not args.checkpoint or not Path(args.checkpoint).exists():
-        sys.exit(f"no checkpoint{' at ' + args.checkpoint if args.checkpoint else ' given'}: {HOW_TO_GET_ONE}")
-    if not Path(args.tokenizer).is_file():
-        sys.exit(f"no tokenizer at {args.tokenizer}: build it with lesson 01 (01_tokenizer/prepare.py) or pass --tokenizer")
-    from tokenizers import Tokenizer
-
-    weights, int8 = import_module("06_model.weights"), import_module("06_model.int8")
-    tokenizer = Tokenizer.from_file(args.tokenizer)
-    try:
-        model = weights.load_model(args.checkpoint, args.device)
+    int8 = import_module("06_model.int8")  # here, not at the top: int8.py imports this file
+    with weights.one_line_errors():
+        if not args.checkpoint:
+            raise FileNotFoundError(f"no checkpoint given: {weights.HOW_TO_GET_ONE}")
+        model, tokenizer, _ = weights.load_pair(args.checkpoint, args.tokenizer, args.device)
         if args.int8:
             int8.quantize_int8(model)
-        if not args.prompt or not tokenizer.encode(args.prompt).ids:
+        if not tokenizer.encode(args.prompt).ids:
             raise ValueError("the prompt is empty: pass --prompt TEXT")
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
         print(args.prompt, end="", flush=True)
@@ -167,8 +154,6 @@ def main(argv=None):
                                  top_k=args.top_k or None, top_p=args.top_p, generator=generator, compile=args.compile):
             print(piece, end="", flush=True)
         print()
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -1,32 +1,14 @@
 """GGUF export: one file that llama.cpp and ollama run as it is, giving lilLM's tokens and logits.
 
-GGUF (llama.cpp's format) is a single file: a header, typed key-value metadata, then the tensors, each
-named, shaped and typed (f32, f16 or a block-quantized type such as q8_0), aligned so it can be mmapped.
-There is no config.json and no tokenizer.json: the architecture and the whole tokenizer are metadata.
+GGUF (llama.cpp's format) is a header, typed key-value metadata (the config AND the whole tokenizer: no
+config.json, no tokenizer.json), then the named, typed tensors (f32, f16, q8_0), aligned to be mmapped.
 Spec: github.com/ggml-org/ggml/blob/master/docs/gguf.md; names: gguf-py's constants.py (MODEL_TENSOR, Keys).
-
-    ModelConfig                 -> llama.context_length, .embedding_length, .block_count, .feed_forward_length,
-                                   .attention.head_count(_kv), .attention.layer_norm_rms_epsilon,
-                                   .rope.freq_base, .rope.dimension_count (head_dim), .vocab_size
-    lesson 01's tokenizer.json  -> tokenizer.ggml.model "gpt2" (byte-level BPE), .pre "gpt-2" (the split regex),
-                                   .tokens, .merges, .token_type (specials CONTROL), bos 1, eos 2, unk 0, pad 2
-    lesson 08 (a chat model)    -> tokenizer.chat_template (its Jinja, less the {% generation %} markers)
-    tok_embeddings              -> token_embd         (output.weight is tied: not stored; llama.cpp reuses token_embd)
-    layers.i.attention.wq/wk/wv/wo       -> blk.i.attn_q/attn_k/attn_v/attn_output   (no row permutation, see below)
-    layers.i.feed_forward.w1/w3/w2       -> blk.i.ffn_gate/ffn_up/ffn_down
-    layers.i.attention_norm/ffn_norm, norm -> blk.i.attn_norm/ffn_norm, output_norm
-
-RoPE trap: llama.cpp's "llama" architecture rotates consecutive pairs (x0, x1), (x2, x3), ... (its "normal"
-RoPE, Meta's layout), which is lesson 03's. So wq and wk go in as they are. The HF export permutes them
-(interleaved_to_halves) because transformers rotates halves; llama.cpp's own converter undoes exactly that
-permutation when it reads an HF checkpoint, and transformers redoes it when it reads a GGUF. notes.md.
-
-Types: f32; f16 (1-D norm gains stay f32, as llama.cpp does); q8_0 (every 2-D matrix in blocks of 32 weights
-with one f16 scale, quantized by the gguf package; a matrix whose rows are not a multiple of 32 stays f16).
+RoPE trap: llama.cpp's "llama" rotates consecutive pairs, as lesson 03 does, so wq and wk go in as they are,
+without the HF export's permutation (notes.md). f16 and q8_0 keep the 1-D norm gains in f32.
 Left out: k-quants (llama-quantize does them from an f16 file), split files, RoPE scaling, untied heads.
 
-Demo: python 06_model/gguf.py export --checkpoint out/sft/ckpt_best --out out/lillm.gguf [--type f32|f16|q8_0]
-      then: llama-cli -m out/lillm.gguf, or ollama create lillm -f Modelfile (notes.md)
+    python 06_model/gguf.py export --checkpoint out/sft/ckpt_best --out out/lillm.gguf [--type f32|f16|q8_0]
+    then: llama-cli -m out/lillm.gguf, or ollama create lillm -f Modelfile (notes.md)
 """
 
 import argparse
@@ -46,42 +28,27 @@ if str(ROOT) not in sys.path:
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 import gguf  # noqa: E402  the format's own Python writer, reader and quantizer (llama.cpp's gguf-py)
 
-lillm = import_module("06_model.model")
 weights = import_module("06_model.weights")
-int8 = import_module("06_model.int8")
+hf = import_module("06_model.hf")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
-template = import_module("08_sft.template")
 
 Q = gguf.GGMLQuantizationType
 TYPES = {"f32": (Q.F32, gguf.LlamaFileType.ALL_F32), "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
          "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}  # --type -> (type of the 2-D matrices, general.file_type)
-LAYER_NAMES = {  # ours -> llama.cpp's, inside layers.i / blk.i
-    "attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v", "attention.wo": "attn_output",
-    "feed_forward.w1": "ffn_gate", "feed_forward.w3": "ffn_up", "feed_forward.w2": "ffn_down",
-    "attention_norm": "attn_norm", "ffn_norm": "ffn_norm",
+GGUF_NAMES = {  # ours -> llama.cpp's, without the .weight every key ends with; {i} is the layer index
+    "tok_embeddings": "token_embd", "norm": "output_norm",  # output.weight is tied: not stored, llama.cpp reuses token_embd
+    "layers.{i}.attention.wq": "blk.{i}.attn_q", "layers.{i}.attention.wk": "blk.{i}.attn_k",
+    "layers.{i}.attention.wv": "blk.{i}.attn_v", "layers.{i}.attention.wo": "blk.{i}.attn_output",
+    "layers.{i}.feed_forward.w1": "blk.{i}.ffn_gate", "layers.{i}.feed_forward.w3": "blk.{i}.ffn_up",
+    "layers.{i}.feed_forward.w2": "blk.{i}.ffn_down",
+    "layers.{i}.attention_norm": "blk.{i}.attn_norm", "layers.{i}.ffn_norm": "blk.{i}.ffn_norm",
 }
 PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for GPT-2's split regex, lesson 01's (ByteLevel, use_regex, no prefix space)
 
 
 def gguf_name(name: str) -> str:
     """Our state_dict key -> llama.cpp's tensor name."""
-    if name.startswith("layers."):
-        _, i, rest = name.split(".", 2)
-        module, param = rest.rsplit(".", 1)
-        return f"blk.{i}.{LAYER_NAMES[module]}.{param}"
-    return {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}[name]
-
-
-def check_float_model(model) -> dict:
-    """The float state_dict without the tied head; a ValueError for a model this export cannot write."""
-    state = model.state_dict()
-    if any(".lora_" in k for k in state):
-        raise ValueError("this model has unmerged LoRA adapters: merge them first (08_sft/lora.py merge_lora, "
-                         "or pass the adapter checkpoint to this command, which loads it merged)")
-    if any(isinstance(m, int8.Int8Linear) for m in model.modules()) or any(v.dtype == torch.int8 for v in state.values()):
-        raise ValueError("this model was quantized to int8 (06_model/int8.py): export the float model, "
-                         "and pick --type q8_0 for GGUF's own 8-bit blocks")
-    return {k: v for k, v in state.items() if k != weights.TIED}
+    return hf.rename(name, GGUF_NAMES)
 
 
 def read_vocab(tokenizer_path, vocab_size: int) -> tuple[list, list, list]:
@@ -122,36 +89,27 @@ def export_gguf(model, tokenizer_path, out_path, type_name: str = "f32", chat_te
     if type_name not in TYPES:
         raise ValueError(f"unknown --type {type_name!r}: pick one of {', '.join(TYPES)}")
     qtype, file_type = TYPES[type_name]
-    cfg, state = model.config, check_float_model(model)
+    cfg, state = model.config, weights.float_state(model)
     tokens, types, merges = read_vocab(tokenizer_path, cfg.vocab_size)
     out_path = Path(out_path)
     with tokenizer_lib.corpus.atomic_write(out_path) as tmp:
         w = gguf.GGUFWriter(str(tmp), "llama")  # writes general.architecture = "llama"
-        w.add_name("lilLM")
-        w.add_file_type(file_type)
+        for add, value in [  # the metadata: the config, then the whole tokenizer
+            (w.add_name, "lilLM"), (w.add_file_type, file_type), (w.add_vocab_size, cfg.vocab_size),
+            (w.add_context_length, cfg.max_seq_len), (w.add_embedding_length, cfg.d_model), (w.add_block_count, cfg.n_layers),
+            (w.add_feed_forward_length, cfg.hidden_dim), (w.add_head_count, cfg.q_heads), (w.add_head_count_kv, cfg.kv_heads),
+            (w.add_layer_norm_rms_eps, cfg.norm_eps), (w.add_rope_freq_base, cfg.rope_theta),
+            (w.add_rope_dimension_count, cfg.head_dim),  # all of each head is rotated
+            (w.add_tokenizer_model, "gpt2"),  # byte-level BPE with merges (llama.cpp's name, not the GPT-2 model)
+            (w.add_tokenizer_pre, PRE_TOKENIZER), (w.add_token_list, tokens), (w.add_token_types, types),
+            (w.add_token_merges, merges), (w.add_bos_token_id, tokenizer_lib.BOS_ID),
+            (w.add_eos_token_id, tokenizer_lib.EOT_ID), (w.add_unk_token_id, tokenizer_lib.UNK_ID),
+            (w.add_pad_token_id, tokenizer_lib.EOT_ID),  # as the HF export's generation_config
+            (w.add_add_bos_token, False), (w.add_add_eos_token, False),  # encode adds nothing; the chat template adds <s>
+        ]:
+            add(value)
         if qtype == Q.Q8_0:
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_vocab_size(cfg.vocab_size)
-        w.add_context_length(cfg.max_seq_len)
-        w.add_embedding_length(cfg.d_model)
-        w.add_block_count(cfg.n_layers)
-        w.add_feed_forward_length(cfg.hidden_dim)
-        w.add_head_count(cfg.q_heads)
-        w.add_head_count_kv(cfg.kv_heads)
-        w.add_layer_norm_rms_eps(cfg.norm_eps)
-        w.add_rope_freq_base(cfg.rope_theta)
-        w.add_rope_dimension_count(cfg.head_dim)  # all of each head is rotated
-        w.add_tokenizer_model("gpt2")  # byte-level BPE with merges (llama.cpp's name, not the GPT-2 model)
-        w.add_tokenizer_pre(PRE_TOKENIZER)
-        w.add_token_list(tokens)
-        w.add_token_types(types)
-        w.add_token_merges(merges)
-        w.add_bos_token_id(tokenizer_lib.BOS_ID)
-        w.add_eos_token_id(tokenizer_lib.EOT_ID)
-        w.add_unk_token_id(tokenizer_lib.UNK_ID)
-        w.add_pad_token_id(tokenizer_lib.EOT_ID)  # as the HF export's generation_config
-        w.add_add_bos_token(False)  # lilLM's encode adds nothing; the chat template writes its own <s>
-        w.add_add_eos_token(False)
         if chat_template:  # without transformers' {% generation %} markers (a training mask): plain Jinja renders it
             w.add_chat_template(chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", ""))
         for name, tensor in state.items():
@@ -164,16 +122,6 @@ def export_gguf(model, tokenizer_path, out_path, type_name: str = "f32", chat_te
     return out_path
 
 
-def is_chat_checkpoint(path: Path) -> bool:
-    """A post-training run's checkpoint: the run's config.json (beside ckpt_*/) names a --base model."""
-    run_dir = path.parent if path.is_dir() else path.parent.parent
-    config = run_dir / "config.json"
-    try:
-        return "base" in json.loads(config.read_text()) if config.is_file() else False
-    except (OSError, ValueError):
-        return False
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Export a lilLM checkpoint to one GGUF file (llama.cpp, ollama).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,21 +132,16 @@ def main(argv=None):
                     help="lesson 01's tokenizer.json (default: beside the checkpoint, else data/tokenizer.json)")
     ex.add_argument("--out", required=True, help=".gguf file to write")
     ex.add_argument("--type", default="f32", help=f"weights of the matrices: {', '.join(TYPES)} (default f32)")
-    ex.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                    help="write lesson 08's chat template (default: when the run's config.json names a --base)")
+    ex.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                    help="store the chat template the checkpoint carries, if it carries one (chat_template.jinja in "
+                         "its run, an HF export's tokenizer_config.json; a base model has none); --no-chat leaves it out")
     args = parser.parse_args(argv)
-    try:
+    with weights.one_line_errors():
         if args.type not in TYPES:  # before loading anything
             raise ValueError(f"unknown --type {args.type!r}: pick one of {', '.join(TYPES)}")
-        checkpoint = Path(args.checkpoint)
-        adapters = (checkpoint / "adapter.safetensors").is_file() or checkpoint.name == "adapter.safetensors"
-        model = import_module("08_sft.chat").load_chat_model(checkpoint)  # a plain load, or base + merged adapters
-        chat = args.chat if args.chat is not None else adapters or is_chat_checkpoint(checkpoint)
-        tokenizer = template.find_tokenizer(checkpoint, args.tokenizer)
-        out = export_gguf(model, tokenizer, args.out, args.type, template.CHAT_TEMPLATE if chat else None)
-    except (FileNotFoundError, ValueError, tokenizer_lib.corpus.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        model, _, tokenizer = weights.load_pair(args.checkpoint, args.tokenizer)  # LoRA adapters load merged
+        chat = weights.chat_template(args.checkpoint) if args.chat else None
+        out = export_gguf(model, tokenizer, args.out, args.type, chat)
     print(f"wrote {out} ({args.type}, {out.stat().st_size:,} bytes, {model.num_params():,} parameters"
           f"{', chat template' if chat else ''}): llama-cli -m {out}")
 

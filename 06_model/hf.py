@@ -1,31 +1,18 @@
 """Hugging Face interop: export a LilLM as a `LlamaForCausalLM` directory, and import one back.
 
-The architecture is Llama's, so the export is a renaming plus one permutation:
-
-    tok_embeddings            -> model.embed_tokens        (lm_head is tied to it: not stored)
-    layers.i.attention.wq/wk  -> model.layers.i.self_attn.q_proj/k_proj   rows permuted, see below
-    layers.i.attention.wv/wo  -> model.layers.i.self_attn.v_proj/o_proj
-    layers.i.feed_forward.w1/w3/w2 -> model.layers.i.mlp.gate_proj/up_proj/down_proj
-    layers.i.attention_norm/ffn_norm -> model.layers.i.input_layernorm/post_attention_layernorm
-    norm                      -> model.norm
-
-RoPE pairs: lesson 03 rotates interleaved pairs (x0, x1), (x2, x3), ... (Meta); transformers rotates
-split halves (x_i, x_{i+D/2}). Within each head, output row 2i (the first of pair i) must become row i
-and row 2i+1 must become row i + D/2: w.view(H, D/2, 2, dim).transpose(1, 2), as transformers'
-convert_llama_weights_to_hf does. Permuting the rows of wq and wk permutes the head dimension of q and
-k the same way, and q.k is a sum over that dimension, so the scores do not change. wv is not rotated.
-
-The directory loads with no custom code:
-    transformers.AutoModelForCausalLM.from_pretrained(DIR), transformers.AutoTokenizer.from_pretrained(DIR)
+The architecture is Llama's, so the export is a renaming (HF_NAMES) plus one permutation: lesson 03 rotates
+interleaved RoPE pairs (x0, x1), (x2, x3), ... and transformers rotates halves (x_i, x_{i+D/2}), so the rows
+of wq and wk are reordered within each head (interleaved_to_halves; why the scores do not change: notes.md).
+The directory loads with no custom code: transformers.AutoModelForCausalLM / AutoTokenizer.from_pretrained(DIR).
 Left out on purpose: sharded writes, untied heads, RoPE scaling (lilLM has none of them).
 
-Commands:
     python 06_model/hf.py export --checkpoint out/ckpt_best --tokenizer data/tokenizer.json --out out/hf
     python 06_model/hf.py import --hf_dir out/hf --out out/imported.safetensors
 """
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from importlib import import_module
@@ -43,12 +30,25 @@ weights = import_module("06_model.weights")
 ffn_hidden_dim = import_module("04_swiglu.swiglu").ffn_hidden_dim
 
 SPECIAL = {"unk_token": ("<unk>", 0), "bos_token": ("<s>", 1), "eos_token": ("</s>", 2)}  # lesson 01's ids
-LAYER_NAMES = {  # ours -> transformers', inside layers.i
-    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj", "feed_forward.w2": "mlp.down_proj",
-    "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+HF_NAMES = {  # ours -> LlamaForCausalLM's, without the .weight every key ends with; {i} is the layer index
+    "tok_embeddings": "model.embed_tokens", "norm": "model.norm",
+    "layers.{i}.attention.wq": "model.layers.{i}.self_attn.q_proj", "layers.{i}.attention.wk": "model.layers.{i}.self_attn.k_proj",
+    "layers.{i}.attention.wv": "model.layers.{i}.self_attn.v_proj", "layers.{i}.attention.wo": "model.layers.{i}.self_attn.o_proj",
+    "layers.{i}.feed_forward.w1": "model.layers.{i}.mlp.gate_proj", "layers.{i}.feed_forward.w3": "model.layers.{i}.mlp.up_proj",
+    "layers.{i}.feed_forward.w2": "model.layers.{i}.mlp.down_proj",
+    "layers.{i}.attention_norm": "model.layers.{i}.input_layernorm",
+    "layers.{i}.ffn_norm": "model.layers.{i}.post_attention_layernorm",
 }
+OUR_NAMES = {theirs: ours for ours, theirs in HF_NAMES.items()}
+
+
+def rename(name: str, table: dict) -> str:
+    """A state_dict key through a name table (HF_NAMES, OUR_NAMES, gguf.GGUF_NAMES); a key the table lacks
+    stays as it is, for build_from_state to report."""
+    module, _, param = name.rpartition(".")
+    layer = re.search(r"\.(\d+)\.", module)  # layers.3.attention.wq -> layers.{i}.attention.wq, i = 3
+    key = module.replace(layer[0], ".{i}.", 1) if layer else module
+    return f"{table[key].format(i=layer[1] if layer else '')}.{param}" if key in table else name
 
 
 def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -63,23 +63,13 @@ def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, out // n_heads // 2, dim).transpose(1, 2).reshape(out, dim)  # (H, D/2, 2, dim)
 
 
-def hf_name(name: str) -> str:
-    """Our state_dict key -> LlamaForCausalLM's."""
-    if name.startswith("layers."):
-        _, i, rest = name.split(".", 2)
-        module, param = rest.rsplit(".", 1)
-        return f"model.layers.{i}.{LAYER_NAMES[module]}.{param}"
-    return {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}[name]
-
-
-def our_name(name: str) -> str:
-    """LlamaForCausalLM's key -> ours (the inverse of hf_name); an unknown key stays, to be reported."""
-    if name.startswith("model.layers."):
-        _, _, i, rest = name.split(".", 3)
-        module, param = rest.rsplit(".", 1)
-        ours = {v: k for k, v in LAYER_NAMES.items()}
-        return f"layers.{i}.{ours[module]}.{param}" if module in ours else name
-    return {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight"}.get(name, name)
+def permute_rope(state: dict, cfg, permute) -> dict:
+    """`permute` applied to the rows of every wq (q_heads) and wk (kv_heads) in a state_dict with our names."""
+    out = {}
+    for name, w in state.items():  # layers.i.attention.wq.weight -> attention.wq.weight
+        heads = {"attention.wq.weight": cfg.q_heads, "attention.wk.weight": cfg.kv_heads}.get(name.split(".", 2)[-1])
+        out[name] = permute(w, heads) if heads else w
+    return out
 
 
 def hf_config(cfg, dtype: torch.dtype) -> dict:
@@ -97,14 +87,8 @@ def hf_config(cfg, dtype: torch.dtype) -> dict:
 
 def hf_state_dict(model, dtype: torch.dtype = torch.float32) -> dict:
     """LlamaForCausalLM's state_dict for `model`, without lm_head.weight (tied to embed_tokens)."""
-    cfg, state = model.config, {}
-    for name, w in model.state_dict().items():
-        if name == weights.TIED:
-            continue
-        if name.endswith(("attention.wq.weight", "attention.wk.weight")):
-            w = interleaved_to_halves(w, cfg.q_heads if ".wq." in name else cfg.kv_heads)
-        state[hf_name(name)] = w.detach().to("cpu", dtype).contiguous()
-    return state
+    state = permute_rope(weights.float_state(model), model.config, interleaved_to_halves)
+    return {rename(k, HF_NAMES): w.detach().to("cpu", dtype).contiguous() for k, w in state.items()}
 
 
 def export_hf(model, tokenizer_path, out_dir, dtype: torch.dtype = torch.float32, chat_template: str | None = None) -> Path:
@@ -113,16 +97,15 @@ def export_hf(model, tokenizer_path, out_dir, dtype: torch.dtype = torch.float32
     cfg, out_dir, tokenizer_path = model.config, Path(out_dir), Path(tokenizer_path)
     if not tokenizer_path.is_file():
         raise FileNotFoundError(f"no tokenizer at {tokenizer_path}: build it with lesson 01 (01_tokenizer/prepare.py)")
-    vocab = json.loads(tokenizer_path.read_text())
-    added = {t["content"]: t["id"] for t in vocab.get("added_tokens", [])}
+    added = {t["content"]: t["id"] for t in json.loads(tokenizer_path.read_text()).get("added_tokens", [])}
     for token, i in SPECIAL.values():
         if added.get(token) != i:
             raise ValueError(f"{tokenizer_path}: special token {token} must have id {i}, has {added.get(token)}")
+    state = hf_state_dict(model, dtype)  # refused before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights.write_safetensors(hf_state_dict(model, dtype), out_dir / "model.safetensors", {"format": "pt"})
+    weights.write_safetensors(state, out_dir / "model.safetensors", {"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2))
-    (out_dir / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}, indent=2))
+    (out_dir / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}))
     shutil.copyfile(tokenizer_path, out_dir / "tokenizer.json")
     # pad inside the vocabulary (</s>, as generation_config pads): without one, lm-evaluation-harness adds a
     # token past the embedding table
@@ -174,12 +157,7 @@ def import_hf(hf_dir, device="cpu"):
     head = hf_state.pop("lm_head.weight", None)
     if head is not None and not torch.equal(head, hf_state.get("model.embed_tokens.weight", head)):
         raise ValueError(f"{hf_dir}: lm_head differs from embed_tokens, and lilLM ties them")
-    state = {}
-    for name, w in hf_state.items():
-        key = our_name(name)
-        if key.endswith(("attention.wq.weight", "attention.wk.weight")):
-            w = halves_to_interleaved(w, config.q_heads if ".wq." in key else config.kv_heads)
-        state[key] = w.float()
+    state = permute_rope({rename(k, OUR_NAMES): w.float() for k, w in hf_state.items()}, config, halves_to_interleaved)
     return weights.build_from_state(config, state, device, str(hf_dir))
 
 
@@ -195,17 +173,14 @@ def main(argv=None):
     im.add_argument("--hf_dir", required=True, help="directory with config.json and model.safetensors")
     im.add_argument("--out", required=True, help="safetensors file to write (load_model reads it)")
     args = parser.parse_args(argv)
-    try:
+    with weights.one_line_errors():
         if args.command == "export":
-            model = weights.load_model(args.checkpoint)
-            out = export_hf(model, args.tokenizer, args.out, getattr(torch, args.dtype))
+            out = export_hf(weights.load_model(args.checkpoint), args.tokenizer, args.out, getattr(torch, args.dtype))
             print(f"wrote {out}: transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) loads it")
         else:
             model = import_hf(args.hf_dir)
             weights.save_model(model, args.out)
             print(f"wrote {args.out} ({model.num_params():,} parameters): python 06_model/generate.py --checkpoint {args.out}")
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

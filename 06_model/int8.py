@@ -1,26 +1,19 @@
 """Int8 weight-only quantization for decoding: a quarter of the bytes per token, for batch-1 speed.
 
-Decoding one token multiplies a (1, d) activation by every weight matrix once: 2 FLOPs per weight,
-4 bytes read per fp32 weight. A CPU core reads ~10 GB/s from memory, so the 158 MB of fp32 weights set
-the floor of a step (~14 ms here), not the arithmetic. Storing each weight as one byte cuts that floor
-by 4x; the activations stay floating point ("weight-only", as in LLM.int8's successors, gpt-fast, torchao).
+A one-token step reads every weight once for 2 FLOPs: memory, not arithmetic, sets its time (notes.md).
 
     s_n     = max_k |W[n, k]| / 127                   one scale per output channel (row of W), symmetric, bf16
     Wq[n,k] = round(W[n, k] / s_n)  in [-127, 127]    int8
     y       = (x Wq^T) * s                            == x (Wq * s)^T: the scale factors out of the row's dot product
     |W - Wq s| <= s / 2                               rounding to nearest, per weight
 
-Only nn.Linear layers change (attention's wq/wk/wv/wo, SwiGLU's w1/w2/w3, the output head); the
-embedding, norms and KV cache stay float32. The result is for inference only: its int8 buffers take no
-gradients and save_model refuses it (quantize after loading instead; it takes about a second).
+Only nn.Linear layers change; the embedding, norms and KV cache stay float32; inference only (save_model
+refuses it). On CPU the product is aten's `_weight_int8pack_mm` with bf16 activations, for in_features a
+multiple of KERNEL_MULTIPLE; other sizes and devices take the formula (the kernel's traps: notes.md).
+Left out: int4, activation quantization, calibration (absmax per row is enough at 8 bits).
 
-On CPU the product is aten's `_weight_int8pack_mm` kernel with bfloat16 activations (its float32 path is
-not vectorized and runs ~10x slower); it returns wrong numbers, or crashes, when in_features is not a
-multiple of 16 (8 on CPUs without AVX-512), so other sizes, and other devices, take the plain formula above. Left out: int4, activation quantization
-(int8 x int8 needs VNNI units this CPU lacks), calibration (absmax per row is enough at 8 bits).
-
-Demo: python 06_model/int8.py                                  # the default config, random tokens
-      python 06_model/int8.py --checkpoint out/ckpt_best         # the main job's model on its val tokens
+    python 06_model/int8.py                                  # the default config, random tokens
+    python 06_model/int8.py --checkpoint out/ckpt_best         # the main job's model on its val tokens
 """
 
 import argparse
@@ -78,7 +71,6 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, name, Int8Linear(child))
-    model.__dict__.pop("_decode_step", None)  # a decode step compiled for the float layers
     return model.eval()
 
 
@@ -102,22 +94,19 @@ def main(argv=None):
     parser.add_argument("--tokens", default="data/shakespeare/val.bin", help="uint16 token file for the loss (with --checkpoint)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    try:
+    with weights.one_line_errors():
         model = weights.load_model(args.checkpoint) if args.checkpoint else lillm.LilLM(lillm.ModelConfig())
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    T = model.config.max_seq_len
-    if args.checkpoint:  # every whole window of the token file: (N, T) inputs and their next tokens
-        if not Path(args.tokens).is_file():
-            sys.exit(f"error: no token file at {args.tokens}: make it with python 01_tokenizer/prepare.py, or pass --tokens")
-        ids = torch.from_numpy(np.fromfile(args.tokens, dtype=np.uint16).astype(np.int64))
-        if len(ids) <= T:
-            sys.exit(f"error: {args.tokens} holds {len(ids)} tokens, fewer than one window of {T + 1}; pass a larger --tokens")
-        if ids.max() >= model.config.vocab_size:
-            sys.exit(f"error: {args.tokens} holds token id {ids.max()}, beyond the model's vocab_size {model.config.vocab_size}; "
-                     "pass the token file of this model's tokenizer")
-    else:
+        T = model.config.max_seq_len
         ids = torch.randint(0, model.config.vocab_size, (4 * T + 1,))
+        if args.checkpoint:  # every whole window of the token file: (N, T) inputs and their next tokens
+            if not Path(args.tokens).is_file():
+                raise FileNotFoundError(f"no token file at {args.tokens}: make it with python 01_tokenizer/prepare.py, or pass --tokens")
+            ids = torch.from_numpy(np.fromfile(args.tokens, dtype=np.uint16).astype(np.int64))
+            if len(ids) <= T:
+                raise ValueError(f"{args.tokens} holds {len(ids)} tokens, fewer than one window of {T + 1}; pass a larger --tokens")
+            if ids.max() >= model.config.vocab_size:
+                raise ValueError(f"{args.tokens} holds token id {ids.max()}, beyond the model's vocab_size "
+                                 f"{model.config.vocab_size}; pass the token file of this model's tokenizer")
     n = (len(ids) - 1) // T * T
     x, y = ids[:n].view(-1, T), ids[1 : n + 1].view(-1, T)  # (N, T)
     prompt = x[0, :16].tolist()

@@ -6,15 +6,11 @@
     logits  = RMSNorm(h_L) E^T                           output head tied to the embedding
 
 Pre-norm residual blocks (Xiong et al., 2020, arXiv:2002.04745) as in Llama (Touvron et al., 2023,
-arXiv:2302.13971); no biases anywhere. Parameter names follow Meta's reference so a reader can put
-the two side by side; lesson 06's hf.py maps them to Hugging Face's LlamaForCausalLM.
-
-This file is the network alone, as Meta's llama keeps model.py apart from generation.py: sampling with
-the KV cache lives in generate.py, the files a model is saved to in weights.py.
+arXiv:2302.13971); no biases. Parameter names follow Meta's reference (hf.py maps them to Hugging Face's).
+The network alone, as Meta keeps model.py apart from generation.py: sampling is generate.py, files weights.py.
 
 Layout: tokens (B, T) int64; activations (B, T, d_model); logits (B, T, vocab_size).
-Left out on purpose: weight sharing across layers, MoE, mixed attention windows, beam search,
-repetition penalties, dropping finished rows from the batch.
+Left out on purpose: weight sharing across layers, MoE, mixed attention windows.
 
 Demo: python 06_model/model.py
 """
@@ -122,9 +118,7 @@ class LilLM(nn.Module):
         return sum(p.numel() for p in self.parameters())  # the tied matrix is counted once
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM paper's appendix B:
-        6 N for the matmuls with weights (the embedding lookup is not a matmul, its tied use as the head is)
-        plus 12 L T d for attention's two T x T matmuls (PaLM's count: the half a causal mask skips is not subtracted)."""
+        """Training FLOPs per token, PaLM's appendix B: 6 N_matmul + 12 L T d (attention's two T x T products; notes.md)."""
         T = seq_len or self.config.max_seq_len
         n_matmul = self.num_params() - sum(p.numel() for n, p in self.named_parameters() if p.dim() == 1)
         return 6 * n_matmul + 12 * self.config.n_layers * T * self.config.d_model

@@ -1,15 +1,18 @@
 """A LilLM on disk: one safetensors file holding the weights, with the model's config as JSON metadata.
 
     model.safetensors = { parameter name -> tensor }   the tied output.weight stored once, as tok_embeddings.weight
-                        + metadata {"lillm_config": json of ModelConfig}
+                        + metadata {"lillm_config": json of ModelConfig, "tokenizer_sha256": of the tokenizer it reads}
 
-No pickled classes: their module paths start with digits, and safetensors cannot run code when loaded.
-Lessons 07 and 08 put this file inside their checkpoint directories; hf.py writes the same format under
-Hugging Face's names, and load_model reads either.
+No pickle (module paths start with digits; safetensors cannot run code). `load_model` is the one loader of every
+checkpoint kind: this file, a directory holding it (lesson 07's out/ckpt_*/), a Hugging Face export (hf.py), and
+lesson 08's LoRA adapters (adapter.safetensors), merged into the base they name: W + (alpha / r) B A.
+`load_pair` adds the tokenizer, checked once for every command (it fits the vocabulary, it is the one recorded);
+`chat_template` tells a chat model; `one_line_errors` is every command's `error: ...` line (exit code 2).
 
 Demo: python 06_model/weights.py
 """
 
+import hashlib
 import json
 import os
 import sys
@@ -23,57 +26,109 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+tokenizer_lib = import_module("01_tokenizer.tokenizer")
 lillm = import_module("06_model.model")
 
 TIED = "output.weight"  # the same tensor as tok_embeddings.weight
+MODEL_FILE, ADAPTER_FILE = "model.safetensors", "adapter.safetensors"
+HOW_TO_GET_ONE = ("train one (`python 07_pretrain_ddp/train.py` pretrains, `python 08_sft/sft.py` makes a chat model "
+                  "of it) or import a Llama export with `python 06_model/hf.py import`")
 
 
 def write_safetensors(tensors: dict, path, metadata: dict) -> None:
-    """safetensors' save_file, atomically: a temp file, then os.replace, so a crash mid-write never leaves a
-    half-written file under the real name. The library creates its files 0600; they get the umask's mode."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    umask = os.umask(0)  # reading the umask means setting it; put it back at once
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    """safetensors' save_file, atomically (lesson 01's atomic_write: a crash never leaves half a file under the
+    real name). The library creates its files 0600; they get the umask's mode, as any other file."""
+    with tokenizer_lib.corpus.atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        umask = os.umask(0)  # reading the umask means setting it; put it back at once
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
 
 
-def save_model(model, path) -> None:
-    """Write model.state_dict() (the tied matrix once) and its config to `path`, atomically."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != TIED}
-    if any(v.dtype == torch.int8 for v in state.values()):
-        raise ValueError("this model was quantized to int8 for decoding (06_model/int8.py): save the float model "
-                         "and quantize after load_model")
-    write_safetensors(state, path, {"lillm_config": json.dumps(model.config.to_dict())})
-
-
-def load_model(path, device="cpu"):
-    """A float32 LilLM from a save_model file, a directory holding model.safetensors (the trainer's
-    out/ckpt_*/), or a Hugging Face Llama export directory (config.json)."""
-    path = Path(path)
-    if path.is_dir() and (path / "config.json").exists():
-        return import_module("06_model.hf").import_hf(path, device)
-    if path.is_dir():
-        path = path / "model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: train one (`python 07_pretrain_ddp/train.py` pretrains, "
-                                "`python 08_sft/sft.py` makes a chat model of it) or import a Llama export with `python 06_model/hf.py import`")
+def read_safetensors(path, key: str, tensors: bool = True) -> tuple:
+    """(json metadata under `key`, tensors (none if not `tensors`), all metadata) of a safetensors file of ours;
+    a one-line ValueError if it is not one."""
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            meta, state = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        with safe_open(str(path), framework="pt") as f:
+            meta, state = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors file ({e}); re-save it or use another checkpoint") from None
-    if "lillm_config" not in meta:
-        raise ValueError(f"{path} has no 'lillm_config' metadata: not written by save_model "
-                         "(for a Hugging Face export, pass its directory)")
+    if key not in meta:
+        raise ValueError(f"{path} has no {key!r} metadata: not written by lilLM (for a Hugging Face export, pass its directory)")
+    return json.loads(meta[key]), state, meta
+
+
+def float_state(model) -> dict:
+    """model.state_dict() without the tied head, to be written; refused in one line for a model only fit to run."""
+    state = {k: v for k, v in model.state_dict().items() if k != TIED}
+    if any(v.dtype == torch.int8 for v in state.values()):
+        raise ValueError("this model was quantized to int8 for decoding (06_model/int8.py): save or export the float "
+                         "model and quantize after load_model (GGUF has its own 8-bit blocks: --type q8_0)")
+    if any(".lora_" in k for k in state):
+        raise ValueError("this model has unmerged LoRA adapters: merge them first (08_sft/lora.py merge_lora), "
+                         "or pass the adapter checkpoint, which load_model reads merged")
+    return state
+
+
+def save_model(model, path, tokenizer_sha256: str | None = None) -> None:
+    """Write model.state_dict() (the tied matrix once), its config and its tokenizer's sha256 to `path`, atomically."""
+    state = {k: v.detach().cpu().contiguous() for k, v in float_state(model).items()}
+    meta = {"lillm_config": json.dumps(model.config.to_dict())}
+    write_safetensors(state, path, meta | ({"tokenizer_sha256": tokenizer_sha256} if tokenizer_sha256 else {}))
+
+
+def fingerprint(state: dict) -> str:
+    """A hash of a model's weights (its state_dict without the tied head): adapters are never loaded onto another base."""
+    h = hashlib.sha256()
+    for k, v in sorted(state.items()):
+        if ".lora_" not in k and k != TIED:
+            h.update(k.encode())
+            h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def locate(path) -> tuple[str, Path]:
+    """What a checkpoint path holds: ("hf", the export's dir), ("lora", adapter.safetensors) or ("model", the file)."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return "hf", path
+    if path.name == ADAPTER_FILE or (path / ADAPTER_FILE).is_file():
+        return "lora", path / ADAPTER_FILE if path.is_dir() else path
+    return "model", path / MODEL_FILE if path.is_dir() else path
+
+
+def load_model(path, device="cpu", base=None):
+    """A float32 LilLM from any checkpoint kind (module docstring); FileNotFoundError or ValueError in one line.
+    base: for LoRA adapters, their base model, if not where they recorded it."""
+    kind, file = locate(path)
+    if kind == "hf":
+        return import_module("06_model.hf").import_hf(file, device)
+    if kind == "lora":
+        return load_adapters_merged(file, device, base)
+    if not file.is_file():
+        raise FileNotFoundError(f"no checkpoint at {file}: {HOW_TO_GET_ONE}")
+    config, state, _ = read_safetensors(file, "lillm_config")
     try:
-        config = lillm.ModelConfig(**json.loads(meta["lillm_config"]))
+        config = lillm.ModelConfig(**config)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: its config is not a valid ModelConfig ({e})") from None
-    return build_from_state(config, state, device, str(path))
+        raise ValueError(f"{file}: its config is not a valid ModelConfig ({e})") from None
+    return build_from_state(config, state, device, str(file))
+
+
+def load_adapters_merged(path, device="cpu", base=None):
+    """Lesson 08's LoRA adapters folded into their base: W' = W + (alpha / r) B A per adapted matrix."""
+    meta, adapters, _ = read_safetensors(path, "lillm_lora")
+    model = load_model(base or meta["base"], device)
+    state = model.state_dict()
+    if fingerprint(state) != meta["base_fingerprint"]:
+        raise ValueError(f"{path}: these adapters were trained on another base ({meta['base']}); pass that one")
+    with torch.no_grad():
+        for key, a in adapters.items():
+            if key.endswith(".lora_A"):
+                name = key.removesuffix(".lora_A")
+                b = adapters[name + ".lora_B"].to(device)
+                state[name + ".weight"].copy_(state[name + ".weight"] + (meta["alpha"] / meta["rank"]) * (b @ a.to(device)))
+    return model
 
 
 def build_from_state(config, state: dict, device="cpu", source: str = "checkpoint"):
@@ -92,14 +147,66 @@ def build_from_state(config, state: dict, device="cpu", source: str = "checkpoin
     return model
 
 
+def recorded_tokenizer(path, base=None) -> str | None:
+    """The sha256 of the tokenizer a checkpoint was trained with, if it records one (adapters: their base's)."""
+    kind, file = locate(path)
+    if kind == "hf" or not file.is_file():
+        return None  # a Hugging Face export carries its own tokenizer.json
+    if kind == "lora":
+        return recorded_tokenizer(base or read_safetensors(file, "lillm_lora", tensors=False)[0]["base"])
+    return read_safetensors(file, "lillm_config", tensors=False)[2].get("tokenizer_sha256")
+
+
+def find_tokenizer(checkpoint, given=None) -> Path:
+    """`given` if any; else a tokenizer.json beside the checkpoint (exports carry one); else lesson 01's default."""
+    if given:
+        return Path(given)
+    path = Path(checkpoint)
+    beside = (path if path.is_dir() else path.parent) / "tokenizer.json"
+    return beside if beside.is_file() else Path(tokenizer_lib.DEFAULT_TOKENIZER_PATH)
+
+
+def load_pair(checkpoint, tokenizer=None, device="cpu", base=None) -> tuple:
+    """(model, tokenizer, tokenizer path) of a checkpoint, checked to belong together: every id the tokenizer gives
+    fits the model's vocabulary, and it is the tokenizer the checkpoint recorded (when it records one)."""
+    model = load_model(checkpoint, device, base)
+    path = find_tokenizer(checkpoint, tokenizer)
+    tok = tokenizer_lib.load_tokenizer(path)  # a one-line DataError if missing or unreadable
+    recorded = recorded_tokenizer(checkpoint, base)
+    if recorded and recorded != tokenizer_lib.tokenizer_sha256(path):
+        raise ValueError(f"{path} is not the tokenizer {checkpoint} was trained with (sha256 {recorded[:12]}); "
+                         "pass that one with --tokenizer")
+    if tok.get_vocab_size() > model.config.vocab_size:
+        raise ValueError(f"{path} has {tok.get_vocab_size()} tokens, more than the model's vocab_size "
+                         f"{model.config.vocab_size}: not this checkpoint's tokenizer (pass --tokenizer)")
+    return model, tok, path
+
+
+def chat_template(checkpoint) -> str | None:
+    """The chat template a checkpoint carries, or None for a base model: a Hugging Face export's in its
+    tokenizer_config.json, a training run's in chat_template.jinja beside its checkpoints (lesson 08 writes both)."""
+    path = Path(checkpoint)
+    here = path if path.is_dir() else path.parent
+    config = here / "tokenizer_config.json"
+    if config.is_file():
+        return json.loads(config.read_text()).get("chat_template")
+    for where in (here, here.parent):
+        if (where / "chat_template.jinja").is_file():
+            return (where / "chat_template.jinja").read_text()
+    return None
+
+
+one_line_errors = tokenizer_lib.corpus.one_line_errors  # lesson 01's: `error: <one line>`, exit code 2
+
+
 if __name__ == "__main__":
     import tempfile
 
     torch.manual_seed(0)
     model = lillm.LilLM(lillm.ModelConfig(vocab_size=256, d_model=64, n_layers=2, q_heads=4, kv_heads=2))
     with tempfile.TemporaryDirectory() as tmp:
-        save_model(model, Path(tmp) / "model.safetensors")
-        size = (Path(tmp) / "model.safetensors").stat().st_size
+        save_model(model, Path(tmp) / MODEL_FILE)
+        size = (Path(tmp) / MODEL_FILE).stat().st_size
         loaded = load_model(tmp)
     same = all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
     print(f"{model.num_params():,} parameters -> {size:,} bytes (4 per parameter, the tied matrix once, plus the header)")

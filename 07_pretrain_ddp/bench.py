@@ -37,7 +37,7 @@ def run(flags: list[str], procs: int, windows: int, steps: int) -> dict:
         launcher = [sys.executable] + ([] if procs == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"])
         cmd = [*launcher, str(ROOT / "07_pretrain_ddp" / "train.py"), *flags, *SHAKESPEARE, "--device", "cpu", "--out_dir", out,
                "--batch_size", str(windows // procs), "--max_steps", str(steps), "--warmup_steps", "1", "--eval_tokens", "1",
-               "--sample_tokens", "0", "--no-final_eval", "--log_interval", "1"]
+               "--sample_tokens", "0", "--log_interval", "1"]
         subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()][2:]  # no step 0, 1
     return {k: statistics.median(r[k] for r in records) for k in ("tokens_per_s", "mfu")}

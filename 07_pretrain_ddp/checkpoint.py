@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
 weights = import_module("06_model.weights")
 lillm = import_module("06_model.model")
 
-MODEL_FILE, STATE_FILE = "model.safetensors", "train_state.pt"
+MODEL_FILE, STATE_FILE = weights.MODEL_FILE, "train_state.pt"
 
 
 class CheckpointError(Exception):
@@ -92,8 +92,8 @@ def save(ckpt_dir, model, train_state: dict, write_weights=None, like=None) -> N
                 os.link(f, tmp / f.name)
             except OSError:  # a filesystem without hard links
                 shutil.copy2(f, tmp / f.name)
-    elif write_weights is None:
-        weights.save_model(model, tmp / MODEL_FILE)
+    elif write_weights is None:  # the tokenizer's sha256 goes into the weights' file too: lesson 06's load_pair checks it
+        weights.save_model(model, tmp / MODEL_FILE, train_state.get("tokenizer_sha256"))
     else:
         write_weights(tmp)
     if like is None:
@@ -145,12 +145,13 @@ def load_state(ckpt_dir) -> dict:
 
 
 def load_model(ckpt_dir, device="cpu"):
-    """The checkpoint's LilLM (float32, on device); CheckpointError if missing or unreadable."""
+    """The checkpoint's LilLM (float32, on device; LoRA adapters merged onto their base: lesson 06's one loader);
+    CheckpointError if missing or unreadable."""
     path = _checked(ckpt_dir)
     try:
-        return weights.load_model(path / MODEL_FILE, device)
+        return weights.load_model(path, device)
     except Exception as e:
-        raise _corrupt(path / MODEL_FILE, e) from None
+        raise _corrupt(path, e) from None
 
 
 def save_run(out_dir: Path, model, train_state: dict, run, best: bool, write_weights=None) -> None:
@@ -201,8 +202,11 @@ def check_resume(state: dict, model_config, saved_config, tokenizer_sha256: str,
         raise CheckpointError(f"the checkpoint's model.safetensors ({saved_config}) does not match its train_state.pt ({model_config})")
 
 
-def restore(state: dict, optimizer, run) -> tuple:
-    """(step, best validation loss, data position) of a resumed run, its optimizer and this rank's RNG restored."""
+def restore(state: dict | None, optimizer, run) -> tuple:
+    """(step, best validation loss, data position) of a resumed run, its optimizer and this rank's RNG restored;
+    (0, inf, 0) for a fresh one (state None)."""
+    if state is None:
+        return 0, float("inf"), 0
     optimizer.load_state_dict(state["optimizer"])
     if len(state["rng"]) == run.world:
         set_rng_state(state["rng"][run.rank])  # with another world size, dropout masks start afresh

@@ -13,34 +13,23 @@ window from each), and the whole state is one integer: how many windows of the s
 consumed. That integer goes into the
 checkpoint; it does not depend on B or W, so a run may resume with another batch size or world size.
 
-Also here, the process setup every trainer starts with: `build_once` builds what is missing (lesson
-01's token files) before any process group exists, one builder per filesystem under a file lock, so
-that a build of hours meets no collective's timeout; then `distributed` reads torchrun's environment
-(RANK, LOCAL_RANK, WORLD_SIZE) and joins the process group, with an explicit timeout.
-
 Left out on purpose: document masking (a window can span two documents joined by </s>, as in GPT
 pretraining), random window offsets per epoch, sharded files.
 
 Demo: python 07_pretrain_ddp/data.py
 """
 
-import os
 import sys
-from contextlib import contextmanager
-from datetime import timedelta
-from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 prepare = import_module("01_tokenizer.prepare")
-shards = import_module("01_tokenizer.shards")  # its flock: one builder per filesystem
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
 
 
@@ -106,45 +95,6 @@ class RankSampler:
         return ids
 
 
-@dataclass
-class Run:
-    """Where this process stands: torchrun's RANK / LOCAL_RANK / WORLD_SIZE, or one process alone."""
-    ddp: bool
-    rank: int
-    local_rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def master(self) -> bool:  # rank 0 alone prints, logs and writes files
-        return self.rank == 0
-
-
-@contextmanager
-def distributed(device_flag: str, timeout_minutes: float = 30):
-    """The Run of this process; under torchrun, inside a process group that is destroyed on the way out.
-    timeout_minutes bounds every collective: how long a rank waits for the others (NCCL's default is 10)."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
-    if device_flag == "cuda" and not torch.cuda.is_available():
-        raise prepare.DataError("--device cuda, but torch sees no GPU (a CPU build of torch, or no driver)")
-    use_cuda = device_flag != "cpu" and torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if ddp:
-        if use_cuda:
-            torch.cuda.set_device(device)
-        # NCCL moves GPU tensors over NVLink/InfiniBand; Gloo moves CPU tensors over TCP.
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
-                                timeout=timedelta(minutes=timeout_minutes))
-    try:
-        yield Run(ddp, rank, local_rank, world, device)
-        if ddp:  # leave together: a rank that tears the group down while another still uses it can abort (Gloo)
-            dist.barrier()
-    finally:
-        if ddp:
-            dist.destroy_process_group()
-
-
 def token_windows(data_dir, meta: dict, seq_len: int) -> tuple:
     """(train, val) TokenWindows over lesson 01's token files; a DataError if either is shorter than a window."""
     train, val = (TokenWindows(Path(data_dir) / f"{s}.bin", meta[f"{s}_tokens"], seq_len, meta["vocab_size"]) for s in ("train", "val"))
@@ -153,7 +103,7 @@ def token_windows(data_dir, meta: dict, seq_len: int) -> tuple:
     return train, val
 
 
-def eval_batches(val: TokenWindows, eval_tokens: int, batch_size: int, run: Run) -> list:
+def eval_batches(val: TokenWindows, eval_tokens: int, batch_size: int, run) -> list:
     """This rank's validation batches, loaded once: the same windows at every evaluation, whatever the batch
     size and world size, evenly spread over val.bin (not its first documents only), dealt to the ranks like cards."""
     n_eval = max(1, min(val.n_windows, eval_tokens // val.seq_len))
@@ -161,17 +111,8 @@ def eval_batches(val: TokenWindows, eval_tokens: int, batch_size: int, run: Run)
     return [val.batch(ids[i : i + batch_size], run.device) for i in range(0, len(ids), batch_size)]
 
 
-def build_once(directory, build) -> None:
-    """build() under an exclusive lock on directory/.build.lock. Every process calls it before the process
-    group exists: of those that share a filesystem (a node's ranks, or every node's on a shared one) the first
-    builds and the others, once they hold the lock, find the files there (build must skip what exists). No
-    collective waits meanwhile, so no timeout applies; the lock dies with its holder, never left stale."""
-    with shards.locked(Path(directory) / ".build.lock", f"another process building {directory}"):
-        build()
-
-
 def build_token_files(cfg: dict) -> None:
-    """Lesson 01's tokenizer and token files for cfg, when missing (run through build_once)."""
+    """Lesson 01's tokenizer and token files for cfg, when missing (run through stage.build_once)."""
     if not (Path(cfg["data_dir"]) / "meta.json").exists():  # present: load_data checks it
         print(f"no token files in {cfg['data_dir']}: building them with lesson 01 from corpus {cfg['corpus']!r}")
         prepare.ensure_data(cfg["data_dir"], cfg["tokenizer"], cfg["corpus"])

@@ -3,6 +3,9 @@
     metrics.jsonl   one JSON record per optimizer step: loss, lr, grad_norm, tokens_per_s, mfu (+ val_loss)
     MFU           = training FLOPs per token x tokens per second / (peak FLOP/s per process x processes)
 
+LogWindow keeps the figures of the steps since the last log step on the device and reads them with one
+all-reduce and one transfer, so that a GPU never waits for the host inside a window.
+
 The peak of a GPU is its spec sheet's dense bf16 figure (TF32 for float32 matmuls: half). A CPU has
 no spec sheet, so its peak is measured: one core's best float32 matmul speed, timed in the thread's
 own CPU seconds (another process taking the core stretches wall time, not those), times the threads
@@ -13,6 +16,7 @@ Demo: python 07_pretrain_ddp/metrics.py   (writes /tmp/lillm_loss_demo.png)
 """
 
 import json
+import math
 import re
 import sys
 import time
@@ -24,13 +28,14 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no window: works on a headless server
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
 generate = import_module("06_model.generate")
-config = import_module("07_pretrain_ddp.config")
+stage = import_module("07_pretrain_ddp.stage")  # TrainError
 
 # Dense bf16 tensor-core TFLOP/s from NVIDIA's data sheets, matched against torch.cuda.get_device_name:
 # the first pattern that matches wins, so the specific parts (H100 PCIe, L40S) come before the general ones.
@@ -44,10 +49,13 @@ GPU_PEAK_TFLOPS = [
 ]
 
 
-def peak_flops(device: torch.device, dtype: str, given_tflops: float = 0.0) -> float:
+def peak_flops(run, dtype: str, given_tflops: float = 0.0) -> float:
     """FLOP/s one process's device can do at best, the denominator of MFU (0: unknown GPU)."""
     if given_tflops:
         return given_tflops * 1e12
+    device = run.device
+    if run.ddp:
+        dist.barrier()  # measure a CPU's peak while all processes run, as they will while training
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         tflops = next((v for pattern, v in GPU_PEAK_TFLOPS if re.search(pattern, name)), 0)
@@ -71,24 +79,46 @@ def thread_seconds(fn) -> float:
     return time.thread_time() - start
 
 
-def describe_run(cfg: dict, run, model, lines: list[str]) -> None:
-    """Rank 0 prints the resolved config, the git revision and the stage's lines, and writes config.json."""
-    if run.master:
-        revision = config.git_revision()
-        print(f"config: {json.dumps(cfg, sort_keys=True)}\ngit revision: {revision}", *lines, sep="\n")
-        Path(cfg["out_dir"]).mkdir(parents=True, exist_ok=True)
-        saved = dict(cfg, git_revision=revision, world_size=run.world, model=model.config.to_dict())
-        (Path(cfg["out_dir"]) / "config.json").write_text(json.dumps(saved, indent=2))
+class LogWindow:
+    """The steps since the last log step, as train_step left them: on the device. A log step reads them all at once:
+    one all-reduce sums the window's losses and figures over ranks and says whether any rank got a stop signal (so
+    that all stop at the same step), one .tolist() brings everything to the host. Reading a loss at every step
+    instead would make the host wait for the GPU at every step. Time is measured per window, for the same reason:
+    inside it a GPU runs ahead of the host, so one step's own time means nothing."""
 
+    def __init__(self, run, flops_per_token: float, peak: float, out_dir):
+        self.run, self.flops_per_token, self.peak, self.out_dir = run, flops_per_token, peak, out_dir
+        self.restart()
 
-def window_records(pending: list, losses: list, norms: list, step: int, seconds: float, flops_per_token: float, peak: float,
-                   world: int):
-    """The records of a log window's steps, from (lr, ..., tokens) per step and the losses and gradient norms read back.
-    Time is measured per window: inside it a GPU runs ahead of the host, so a step's own time means nothing."""
-    dt = seconds / len(pending)
-    for k, loss, grad_norm, (lr, *_, tokens) in zip(range(step - len(pending) + 1, step + 1), losses, norms, pending):
-        yield {"step": k, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt,
-               "mfu": flops_per_token * tokens / dt / (peak * world) if peak else None}
+    def restart(self) -> None:
+        self.pending, self.t0 = [], time.perf_counter()  # per step: (lr, loss_sum, n, grad_norm, figures, tokens)
+
+    def add(self, lr: float, step_result: tuple, tokens: int) -> None:
+        self.pending.append((lr, *step_result, tokens))
+
+    def read(self, step: int, stopping: bool) -> tuple:
+        """(one record per step of the window, whether any rank is stopping); a TrainError if a value is not finite."""
+        pending, run = self.pending, self.run
+        names = list(pending[0][4])  # the objective's own figures, summed like the loss
+        sums = [torch.stack([p[1], *p[4].values()]) for p in pending]  # per step (1 + figures,)
+        shared = torch.cat(sums + [torch.tensor([float(stopping)], device=run.device)])
+        if run.ddp:
+            dist.all_reduce(shared)
+        n, width = len(pending), len(names) + 1  # the gradient norms are alike on every rank: read, not reduced
+        means = shared[:-1].view(n, width) / torch.stack([p[2] for p in pending])[:, None]  # per unit (token, pair)
+        values = torch.cat([means.flatten(), torch.stack([p[3] for p in pending]), shared[-1:]]).tolist()
+        dt = (time.perf_counter() - self.t0) / n
+        records = []
+        for i, (lr, *_, tokens) in enumerate(pending):
+            row, norm = values[i * width : (i + 1) * width], values[n * width + i]  # (loss, *figures), grad norm
+            record = {"step": step - n + 1 + i, "loss": row[0], "lr": lr, "grad_norm": norm, "tokens_per_s": tokens / dt,
+                      "mfu": self.flops_per_token * tokens / dt / (self.peak * run.world) if self.peak else None}
+            if not (math.isfinite(row[0]) and math.isfinite(norm)):
+                raise stage.TrainError(f"loss {row[0]} / gradient norm {norm} at step {record['step']} is not finite; "
+                                       f"stopped without saving, the last good checkpoint stays in {self.out_dir} "
+                                       "(lower --lr or raise --warmup_steps)")
+            records.append(record | dict(zip(names, row[1:])))
+        return records, values[-1] > 0
 
 
 class Metrics:
@@ -117,9 +147,18 @@ class Metrics:
             print(f"step {record['step']}/{max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | grad norm "
                   f"{record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s{mfu}")
 
+    def validation(self, record: dict, is_best: bool) -> None:
+        figures = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_"))
+        self.say(f"step {record['step']}: {figures}{' (best so far)' if is_best else ''}")
+
+    def say(self, line: str) -> None:
+        if self.master:
+            print(line)
+
     def plot(self, path: Path, what: str = "loss") -> None:
-        plot_losses(self.records, path, what)
-        print(f"wrote {path}: train and validation {what} against optimizer steps")
+        if self.master:
+            plot_losses(self.records, path, what)
+            print(f"wrote {path}: train and validation {what} against optimizer steps")
 
 
 def plot_losses(records: list, path, what: str = "loss") -> None:
@@ -155,5 +194,5 @@ if __name__ == "__main__":
     records = [{"step": s, "loss": 3 + 6 * math.exp(-s / 40) + 0.1 * math.sin(s)} for s in range(1, 201)]
     records += [{"step": s, "val_loss": 3.2 + 6 * math.exp(-s / 40)} for s in range(0, 201, 25)]
     plot_losses(sorted(records, key=lambda r: r["step"]), "/tmp/lillm_loss_demo.png")
-    peak = peak_flops(torch.device("cpu"), "float32")
+    peak = peak_flops(stage.Run(False, 0, 0, 1, torch.device("cpu")), "float32")
     print(f"wrote /tmp/lillm_loss_demo.png; this CPU's float32 peak on {torch.get_num_threads()} thread(s): {peak / 1e9:.1f} GFLOP/s")

@@ -4,31 +4,26 @@
     backward:   g = sum_r grad loss_r          N = target tokens in the whole global batch; DDP all-reduces
     update:     AdamW(g clipped to norm 1), lr = warmup, then cosine to min_lr at max_steps
 
-Every rank holds the whole model and optimizer and sees other data; DDP averages the gradients so
-every rank takes the same step (notes.md: what is all-reduced when, and torchrun's rendezvous).
-The global batch is batch_size x max_seq_len x grad_accum x world_size tokens. The step and the loop
-below are shared with lesson 08 (SFT): a stage brings its data and its model, not a copy of the loop.
+Every rank holds the whole model and optimizer and sees other data; DDP averages the gradients so every
+rank takes the same step (notes.md). The global batch is batch_size x max_seq_len x grad_accum x world_size
+tokens. `fit` and `train_step` are every stage's: SFT, DPO, GRPO (08, 10, 11) bring data and an objective.
 
-Commands (from the repository root; README.md has the full recipe, multi-node included):
-    python 07_pretrain_ddp/train.py                            # CPU preset, ~10 min on 2 cores, fresh clone
+    python 07_pretrain_ddp/train.py                            # CPU preset, ~7 min on 2 cores, fresh clone
     torchrun --standalone --nproc_per_node=8 07_pretrain_ddp/train.py --preset full  # 8 GPUs (grad_accum 4)
     python 07_pretrain_ddp/train.py --resume                   # continue out/ckpt_latest exactly
     python 07_pretrain_ddp/train.py --preset full --dry_run    # the full recipe's code path, tiny, in a minute
-Plumbing sits beside this file: config.py (presets, flags), data.py (token windows, process setup),
-checkpoint.py (atomic saves, resume), metrics.py (metrics.jsonl, the plot, MFU, the final sample).
-Left out on purpose: FSDP/tensor parallelism (the model fits one GPU), fp16 with loss scaling,
-document masking, a data-loader process (reading a memmap costs microseconds per window).
+Beside it: stage.py (flags, presets, processes), data.py (token windows), checkpoint.py, metrics.py. Left out on purpose: FSDP/tensor parallelism, fp16 with loss scaling, document masking, a data-loader process.
 """
 
 import math
 import sys
-import time
 from contextlib import nullcontext
 from importlib import import_module
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
@@ -36,19 +31,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
 lillm = import_module("06_model.model")
-config = import_module("07_pretrain_ddp.config")
+stage = import_module("07_pretrain_ddp.stage")
 data = import_module("07_pretrain_ddp.data")
 checkpoint = import_module("07_pretrain_ddp.checkpoint")
 metrics = import_module("07_pretrain_ddp.metrics")
-bpb = import_module("09_eval.bpb")  # lesson 09's bits per byte: the one later lesson the trainer reports with
 IGNORE = -100  # the target of a position that is not trained on (the model's ignore_index)
 
 
 class TokenCrossEntropy:
-    """What a step minimizes, as train_step asks for it: how many units a micro-batch (inputs, targets) holds
-    (here its target tokens), counted before any backward, and its summed loss over them, with any other
-    figures summed over the same units ({name: tensor}, logged as means per unit). Later stages bring their
-    own (lesson 10: pairs and the DPO loss; lesson 11: completion tokens and the clipped surrogate)."""
+    """What a step minimizes: the units of a micro-batch (its target tokens), and its summed loss and other figures
+    ({name: tensor}, logged per unit) over them. Lesson 10 brings pairs and the DPO loss, 11 the clipped surrogate."""
 
     def count(self, batch) -> torch.Tensor:
         return (batch[1] != IGNORE).sum()
@@ -61,46 +53,26 @@ class TokenCrossEntropy:
 def fit(model, train_model, optimizer, next_micro_batches, validate, cfg: dict, run, log: metrics.Metrics,
         start: tuple, train_state: dict, autocast=nullcontext(), flops_per_token: float = 0.0, peak: float = 0.0,
         write_weights=None, objective=TokenCrossEntropy()) -> dict:
-    """The loop: steps, evaluations, checkpoints, stop signals. Values stay on the device between log steps
-    (every log_interval steps and at evaluations), so a GPU never waits for the host inside a step.
-    validate() -> {"val_loss": ..., other figures}: the same on every rank; ckpt_best is the lowest val_loss."""
+    """The loop: schedule, step, log, evaluate, checkpoint, stop. validate() -> {"val_loss": ..., other figures},
+    the same on every rank; ckpt_best is the lowest val_loss. Values stay on the device between log steps."""
     out_dir, (step, best_val, sampler) = Path(cfg["out_dir"]), start
-    pending = []  # this log window's (lr, loss_sum, n, grad_norm, figures, tokens) per step
+    window = metrics.LogWindow(run, flops_per_token, peak, out_dir)
     with checkpoint.StopOnSignal() as signals:
         if step == 0:
             log.write({"step": 0, **validate()})
-        t0 = time.perf_counter()  # after step 0's evaluation: the first window times training only
+        window.restart()  # after step 0's evaluation: the first window times training only
         while step < cfg["max_steps"]:
             lr = lr_at(step, cfg["lr"], cfg["min_lr"], cfg["warmup_steps"], cfg["max_steps"])
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro_batches = next_micro_batches()
-            pending.append((lr, *train_step(model, train_model, optimizer, micro_batches, run, cfg["grad_clip"], autocast, objective),
-                            sum(batch[0].numel() for batch in micro_batches) * run.world))  # input tokens
+            batches = next_micro_batches()
+            window.add(lr, train_step(model, train_model, optimizer, batches, run, cfg["grad_clip"], autocast, objective),
+                       sum(batch[0].numel() for batch in batches) * run.world)  # input tokens of the global batch
             step += 1
             evaluated, stop_at = step % cfg["eval_interval"] == 0 or step == cfg["max_steps"], step == cfg["stop_at"]
             if not (evaluated or stop_at or step % cfg["log_interval"] == 0 or step == 1):
                 continue
-            # A log step: one all-reduce sums the window's losses over ranks and tells whether any rank got a
-            # stop signal (so that all stop at the same step); one read brings the values to the host.
-            names = list(pending[0][4])  # the objective's own figures, summed like the loss
-            sums = [torch.stack([p[1], *p[4].values()]) for p in pending]  # per step (1 + figures,)
-            shared = torch.cat(sums + [torch.tensor([float(bool(signals.received))], device=run.device)])
-            if run.ddp:
-                dist.all_reduce(shared)
-            n = len(pending)  # the gradient norms are alike on every rank: read, not reduced
-            means = shared[:-1].view(n, -1) / torch.stack([p[2] for p in pending])[:, None]  # per unit (token, pair)
-            values = torch.cat([means.flatten(), torch.stack([p[3] for p in pending]), shared[-1:]]).tolist()
-            per_step, norms, stop = values[: means.numel()], values[means.numel() : -1], values[-1] > 0
-            rows = [per_step[k : k + len(names) + 1] for k in range(0, len(per_step), len(names) + 1)]  # (loss, *figures)
-            *done, record = metrics.window_records(pending, [r[0] for r in rows], norms, step, time.perf_counter() - t0,
-                                                   flops_per_token, peak, run.world)
-            for r, row in zip((*done, record), rows):
-                r.update(zip(names, row[1:]))
-            for r in (*done, record):
-                if not (math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])):
-                    raise config.TrainError(f"loss {r['loss']} / gradient norm {r['grad_norm']} at step {r['step']} is not finite; stopped "
-                                            f"without saving, the last good checkpoint stays in {out_dir} (lower --lr or raise --warmup_steps)")
+            (*done, record), stop = window.read(step, bool(signals.received))  # one all-reduce, one read
             for r in done:
                 log.write(r)
             if step % cfg["log_interval"] == 0 or step == 1:
@@ -108,36 +80,29 @@ def fit(model, train_model, optimizer, next_micro_batches, validate, cfg: dict, 
             if evaluated:
                 record.update(validate())
                 if not math.isfinite(record["val_loss"]):
-                    raise config.TrainError(f"validation loss is {record['val_loss']} at step {step}; stopped without saving")
+                    raise stage.TrainError(f"validation loss is {record['val_loss']} at step {step}; stopped without saving")
                 is_best, best_val = record["val_loss"] < best_val, min(best_val, record["val_loss"])
-                if run.master:
-                    figures = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_"))
-                    print(f"step {step}: {figures}{' (best so far)' if is_best else ''}")
+                log.validation(record, is_best)
             log.write(record)  # before the checkpoint: a resume drops records past the checkpoint's step
             if evaluated or stop or stop_at:
                 state = dict(train_state, step=step, optimizer=optimizer.state_dict(), data_position=sampler.position,
                              config=cfg, best_val_loss=best_val, val_loss=record.get("val_loss"))
                 checkpoint.save_run(out_dir, model, state, run, evaluated and is_best, write_weights)
-            pending, t0 = [], time.perf_counter()
+            window.restart()
             if stop or stop_at:
                 why = f"--stop_at {step}" if stop_at else f"a stop signal ({', '.join(signals.received) or 'on another rank'})"
-                if run.master:
-                    print(f"stopped by {why} at step {step}; checkpoint in {out_dir / 'ckpt_latest'}; continue with --resume")
+                log.say(f"stopped by {why} at step {step}; checkpoint in {out_dir / 'ckpt_latest'}; continue with --resume")
                 break
-    if run.master:
-        log.plot(out_dir / "loss.png")
+    log.plot(out_dir / "loss.png")
     return {"step": step, "best_val_loss": best_val, "finished": step == cfg["max_steps"]}
 
 
 def train_step(model, train_model, optimizer, micro_batches, run, grad_clip: float, autocast,
                objective=TokenCrossEntropy()) -> tuple:
-    """One optimizer step over this rank's micro-batches [(inputs, targets, ...)]; returns this rank's summed
-    loss, the global target count N, the gradient norm and the objective's summed figures, left on the device.
-
-    Each target token's loss is divided by N, the target tokens of the WHOLE global batch, counted before
-    any backward: a token weighs the same whichever micro-batch or rank holds it. (Averaging per micro-batch
-    would not, where rows hold different numbers of targets, as in SFT; in pretraining every micro-batch
-    holds B x T targets and both agree.) DDP averages over ranks, hence the factor world_size."""
+    """One optimizer step over this rank's micro-batches [(inputs, targets, ...)]: (this rank's summed loss, the
+    global unit count N, the gradient norm, the objective's summed figures), left on the device. Each unit's loss
+    is divided by N, the units of the WHOLE global batch, counted before any backward: a token weighs the same in
+    any micro-batch or rank (a mean per micro-batch would not, in SFT). DDP averages over ranks: hence world."""
     counts = torch.stack([objective.count(batch) for batch in micro_batches]).float()  # (A,) on the device
     n_global = counts.sum()
     if run.ddp:
@@ -160,10 +125,29 @@ def train_step(model, train_model, optimizer, micro_batches, run, grad_clip: flo
     return loss_sum, n_global, grad_norm, figures
 
 
+@torch.no_grad()
+def loss_sums(model, batches, token_bytes: torch.Tensor, autocast=None) -> torch.Tensor:
+    """(3,) float64: summed target nats, bytes and tokens over (x, y) batches, summed so that ranks all-reduce them
+    before one division. loss = nats / tokens; bits per byte = nats / (ln 2 bytes), which, bytes being the same
+    for every tokenizer, compares models with different vocabularies (lesson 09's notes)."""
+    device = next(model.parameters()).device  # model may be wrapped (DDP, torch.compile)
+    token_bytes, total = token_bytes.to(device), torch.zeros(3, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    for x, y in batches:
+        with autocast or nullcontext():
+            logits, _ = model(x)  # (B, T, V)
+        keep = y != IGNORE  # (B, T)
+        # float32 log-softmax: bf16 logits lose precision over thousands of classes
+        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="none")  # (B*T,)
+        total += torch.stack([nats.double().sum(), token_bytes[y.clamp(min=0)][keep].double().sum(), keep.sum().double()])
+    model.train(was_training)
+    return total
+
+
 def evaluate(model, batches, run, autocast, token_bytes) -> dict:
-    """Mean cross-entropy per target token and bits per byte, over this rank's batches and the other ranks'.
-    token_bytes (vocab,): the bytes each token id spells."""
-    total = bpb.loss_sums(model, batches, token_bytes, autocast)  # (summed nats, bytes, tokens)
+    """Mean cross-entropy per target token and bits per byte, over this rank's batches and the other ranks'."""
+    total = loss_sums(model, batches, token_bytes, autocast)
     if run.ddp:
         dist.all_reduce(total)  # sums over ranks, then one division: every rank gets the same mean
     nats, n_bytes, tokens = total.tolist()
@@ -181,73 +165,55 @@ def lr_at(step: int, max_lr: float, min_lr: float, warmup: int, max_steps: int) 
 
 
 def make_optimizer(model, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on the weight matrices of attention and FFN only.
-
-    Norm gains are left alone: decay would pull them toward 0, where they are scales meant to sit near 1.
-    The embedding, tied with the output head, is not decayed either: it is one row per token, and decay
-    shrinks every row every step while a rare token's row gets a gradient only when that token occurs,
-    so rare tokens would fade toward zero. (nanoGPT decays its tied matrix; Llama-style recipes do not.)
-    Frozen parameters (LoRA's base) never get a .grad, and AdamW skips them.
-    """
+    """AdamW; weight decay on the matrices of attention and FFN only: norm gains are scales meant to sit near 1,
+    and decay would shrink a rare token's embedding row at every step while its gradient comes only when the
+    token occurs (nanoGPT decays its tied matrix; Llama recipes do not). Frozen parameters get no .grad."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():  # the tied matrix appears once, as tok_embeddings.weight
         (decay if p.dim() == 2 and "tok_embeddings" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused: one kernel for all parameters instead of a loop of small ops (PyTorch has it for CUDA and CPU)
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type in ("cuda", "cpu"))
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type in ("cuda", "cpu"))  # one kernel
 
 
 def wrap_ddp(model, run):
-    """DDP broadcasts rank 0's weights at construction and registers hooks that all-reduce each bucket of
-    gradients as soon as backward has produced it, overlapping communication with computation. The one
-    buffer, the RoPE table, is alike on every rank: broadcasting it before every forward would be waste."""
+    """DDP: rank 0's weights to all, then each bucket of gradients all-reduced as soon as backward has made it.
+    The one buffer, the RoPE table, is alike on every rank: broadcasting it before every forward would be waste."""
     return DDP(model, device_ids=[run.local_rank] if run.device.type == "cuda" else None, forward_sync_buffers=False) if run.ddp else model
 
 
 def pretrain(cfg: dict, state: dict | None, run) -> dict:
-    B, T, W, A = cfg["batch_size"], cfg["max_seq_len"], run.world, config.set_grad_accum(cfg, run.world)
-    dtype, autocast = config.precision(cfg, run.device)
+    B, T, W, A = cfg["batch_size"], cfg["max_seq_len"], run.world, stage.set_grad_accum(cfg, run.world)
+    dtype, autocast = stage.precision(cfg, run.device)
     meta = data.load_data(cfg)
-    model_cfg = config.model_config(cfg, meta["vocab_size"])
+    model_cfg = stage.model_config(cfg, meta["vocab_size"])
     train_data, val_data = data.token_windows(cfg["data_dir"], meta, T)
-    torch.manual_seed(cfg["seed"] + run.rank)  # different dropout masks per rank; DDP copies rank 0's weights anyway
-    model = lillm.LilLM(model_cfg).to(run.device)
-    if state is not None:  # the rank whose disk holds the checkpoint loads it and sends its weights to all
-        if run.rank == state["source_rank"]:
-            model = checkpoint.load_model(Path(cfg["out_dir"]) / "ckpt_latest", run.device)
+    torch.manual_seed(cfg["seed"] + run.rank)  # each rank its own init: DDP copies rank 0's weights anyway
+    model = stage.start_model(cfg, state, run, lillm.LilLM(model_cfg).to(run.device))  # resuming: the checkpoint's
+    if state is not None:
         checkpoint.check_resume(state, model_cfg, model.config, meta["tokenizer_sha256"], cfg["data_dir"])
-        checkpoint.broadcast_weights(model, state["source_rank"], run)
     optimizer = make_optimizer(model, cfg["lr"], cfg["weight_decay"], run.device)
-    step, best_val, position = (0, float("inf"), 0) if state is None else checkpoint.restore(state, optimizer, run)
-    if run.device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # float32 matmuls outside autocast may use TF32 tensor cores
+    step, best_val, position = checkpoint.restore(state, optimizer, run)
     train_model = wrap_ddp(torch.compile(model) if cfg["compile"] else model, run)
     sampler = data.RankSampler(data.WindowStream(train_data.n_windows, cfg["seed"]), B, run.rank, W, position)
     val_batches = data.eval_batches(val_data, cfg["eval_tokens"], B, run)
-    if run.ddp:
-        dist.barrier()  # measure a CPU's peak while all processes run, as they will while training
-    peak = metrics.peak_flops(run.device, dtype, cfg["peak_tflops"])
-    metrics.describe_run(cfg, run, model, [
+    peak = metrics.peak_flops(run, dtype, cfg["peak_tflops"])
+    stage.describe_run(cfg, run, model, [
         f"global batch = {B} windows x {T} tokens x {A} micro-steps x {W} processes = {B * T * A * W:,} tokens per step",
         f"{model.num_params():,} parameters, vocab {model_cfg.vocab_size:,}, on {run.device} in {dtype}, {W} process(es); "
         f"train.bin holds {train_data.n_windows:,} windows: one epoch = {train_data.n_windows / (B * A * W):,.1f} steps"])
     log = metrics.Metrics(Path(cfg["out_dir"]) / "metrics.jsonl", step, run.master, cfg if cfg["wandb"] else None)
-    token_bytes = bpb.token_byte_lengths(tokenizer_lib.load_tokenizer(cfg["tokenizer"]), model_cfg.vocab_size)
+    token_bytes = tokenizer_lib.token_byte_lengths(tokenizer_lib.load_tokenizer(cfg["tokenizer"]), model_cfg.vocab_size)
     result = fit(model, train_model, optimizer, lambda: [train_data.batch(sampler.next_ids(), run.device) for _ in range(A)],
-                 lambda: evaluate(train_model, val_batches, run, autocast, token_bytes), cfg, run, log, (step, best_val, sampler), {"tokenizer_sha256": meta["tokenizer_sha256"]},
-                 autocast, model.flops_per_token(T), peak)
+                 lambda: evaluate(train_model, val_batches, run, autocast, token_bytes), cfg, run, log,
+                 (step, best_val, sampler), {"tokenizer_sha256": meta["tokenizer_sha256"]}, autocast,
+                 model.flops_per_token(T), peak)
     if run.master and result["finished"] and cfg["sample_tokens"]:
         print(f"sample (temperature 0.8, top-k 200):\n{metrics.sample(model, cfg['tokenizer'], cfg['prompt'], cfg['sample_tokens'], cfg['seed'], run.device)}")
-    if run.master and result["finished"] and cfg["final_eval"]:  # lesson 09's table: what the model can do
-        import_module("09_eval.eval").run_eval(Path(cfg["out_dir"]) / "ckpt_best", cfg["tokenizer"], data_dir=cfg["data_dir"],
-                                               device=str(run.device))
     return result
 
 
-def main(argv=None) -> None:
-    """Flags -> config -> train; bad input becomes one line on stderr (`error: ...`) and exit code 2."""
-    with config.one_line_errors():
-        config.launch(config.parse_args(argv), config.resolve_config, data.build_token_files, pretrain)
+def main(argv=None) -> dict:  # flags -> config -> train; bad input: one line on stderr, exit code 2
+    return stage.main(stage.pretrain_flags(argv), stage.pretrain_config, data.build_token_files, pretrain)
 
 
 if __name__ == "__main__":

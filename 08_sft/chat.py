@@ -8,7 +8,7 @@ prompt plus room for max_new_tokens fits.
 
 One line of input is one user message; write \\n for a line break inside it ("Who says this?\\nTo be,
 or not to be"). End with Ctrl-D (end of input). --checkpoint takes what sft.py writes (full weights or
-LoRA adapters), any lilLM checkpoint, or a Hugging Face export directory.
+LoRA adapters, loaded merged onto their base), any lilLM checkpoint, or a Hugging Face export directory.
 
 Left out on purpose: keeping the KV cache across turns (each turn re-reads the kept history), editing
 or regenerating turns, a history file.
@@ -31,18 +31,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 weights = import_module("06_model.weights")
 generate = import_module("06_model.generate")
-tokenizer_lib = import_module("01_tokenizer.tokenizer")
 DataError = import_module("01_tokenizer.corpus").DataError
 template = import_module("08_sft.template")
-lora = import_module("08_sft.lora")
-
-
-def load_chat_model(path, base=None, device="cpu"):
-    """A LilLM from a checkpoint, a Hugging Face export, or LoRA adapters (merged onto their base)."""
-    path = Path(path)
-    if (path / lora.ADAPTER_FILE).is_file() or path.name == lora.ADAPTER_FILE:
-        return lora.load_lora_model(path, base, device)
-    return weights.load_model(path, device)
 
 
 def fit_window(fmt, messages: list, max_len: int) -> tuple:
@@ -112,10 +102,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
     try:
-        model = load_chat_model(args.checkpoint, args.base, args.device)
-        fmt = template.ChatFormat(tokenizer_lib.load_tokenizer(template.find_tokenizer(args.checkpoint, args.tokenizer)))
-        if fmt.tokenizer.get_vocab_size() > model.config.vocab_size:
-            raise ValueError(f"the tokenizer has {fmt.tokenizer.get_vocab_size()} tokens, the model {model.config.vocab_size}: not a pair")
+        model, tok, _ = weights.load_pair(args.checkpoint, args.tokenizer, args.device, args.base)
+        fmt = template.ChatFormat(tok)
         args.max_new_tokens = args.max_new_tokens or model.config.max_seq_len // 4
         if not 0 < args.max_new_tokens < model.config.max_seq_len:
             raise ValueError(f"--max_new_tokens must be in [1, {model.config.max_seq_len - 1}] (max_seq_len leaves no room)")

@@ -17,7 +17,7 @@ Left out on purpose: dropout on the LoRA path, LoRA on the tied embedding/output
 Demo: python 08_sft/lora.py
 """
 
-import hashlib
+import argparse
 import json
 import math
 import sys
@@ -27,16 +27,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 lillm = import_module("06_model.model")
 weights = import_module("06_model.weights")
+checkpoint = import_module("07_pretrain_ddp.checkpoint")
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # the linear layers of a block (05's attention, 04's FFN)
-ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_FILE = weights.ADAPTER_FILE
 
 
 class LoRALinear(nn.Module):
@@ -105,45 +104,24 @@ def adapter_state(model: nn.Module) -> dict:
     return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """A hash of the base weights (every non-adapter tensor), so adapters are never loaded onto another base."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        if ".lora_" not in k and k != weights.TIED:
-            h.update(k.encode())
-            h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def save_adapters(model: nn.Module, path, base: str) -> None:
-    """Write the adapters to `path` (safetensors, atomically) with rank, alpha, targets and the base's identity."""
+    """Write the adapters to `path` (safetensors, atomically) with rank, alpha, targets and the base's identity:
+    lesson 06's load_model folds them into that base, W + (alpha / r) B A, wherever they are loaded."""
     mods = lora_modules(model)
     assert mods, "the model has no LoRA adapters to save"
     first = next(iter(mods.values()))
     meta = {"rank": first.rank, "alpha": first.alpha, "targets": sorted({n.rsplit(".", 1)[1] for n in mods}),
-            "base": str(base), "base_fingerprint": base_fingerprint(model)}
+            "base": str(base), "base_fingerprint": weights.fingerprint(model.state_dict())}
     weights.write_safetensors({k: v.detach().contiguous() for k, v in adapter_state(model).items()}, path,
                               {"lillm_lora": json.dumps(meta)})
 
 
-def read_adapters(path) -> tuple:
-    """(metadata dict, tensors) of an adapter file or of a directory holding adapter.safetensors."""
-    path = Path(path)
-    path = path / ADAPTER_FILE if path.is_dir() else path
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta, state = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable adapter file ({e})") from None
-    if "lillm_lora" not in meta:
-        raise ValueError(f"{path} has no 'lillm_lora' metadata: not written by save_adapters")
-    return json.loads(meta["lillm_lora"]), state
-
-
 def load_adapters(model: nn.Module, path) -> nn.Module:
-    """Wrap `model` as recorded in the adapter file and load the adapters (in place); one-line errors on mismatch."""
-    meta, state = read_adapters(path)
-    if base_fingerprint(model) != meta["base_fingerprint"]:
+    """Wrap `model` as recorded in the adapter file (or a directory holding it) and load the adapters, unmerged,
+    to train on (in place); one-line errors on mismatch. Merged loads are lesson 06's load_model."""
+    path = Path(path)
+    meta, state, _ = weights.read_safetensors(path / weights.ADAPTER_FILE if path.is_dir() else path, "lillm_lora")
+    if weights.fingerprint(model.state_dict()) != meta["base_fingerprint"]:
         raise ValueError(f"{path}: these adapters were trained on another base ({meta['base']}); load that one")
     apply_lora(model, meta["rank"], meta["alpha"], meta["targets"])
     expected = adapter_state(model)
@@ -153,11 +131,35 @@ def load_adapters(model: nn.Module, path) -> nn.Module:
     return model
 
 
-def load_lora_model(path, base=None, device="cpu") -> nn.Module:
-    """The base model (from `base`, else the path recorded at training) with the adapters at `path` merged in."""
-    meta, _ = read_adapters(path)
-    model = weights.load_model(base or meta["base"], device)
-    return merge_lora(load_adapters(model, path))
+# ---- LoRA in a training stage (lessons 08, 10, 11): its flags, its learning rate, its checkpoints ------------
+
+LORA_DEFAULTS = dict(lora=False, lora_rank=8, lora_alpha=16.0, lora_targets="wq,wk,wv,wo")
+SHAPE = ("base", *LORA_DEFAULTS)  # what a resumed run may not change, in every stage that starts from a base
+
+
+def add_lora_flags(flag, base: str = "a frozen base") -> None:
+    flag("lora", f"train LoRA adapters on {base} instead of every weight", action=argparse.BooleanOptionalAction)
+    flag("lora_rank", "LoRA rank r", type=int)
+    flag("lora_alpha", "LoRA alpha: the update is scaled by alpha / r", type=float)
+    flag("lora_targets", f"comma-separated linear layers to adapt, from {','.join(TARGETS)}")
+
+
+def with_lr(defaults: dict, given: dict, full_lr: float) -> dict:
+    """A stage's defaults with its learning rate: the given one, else 1e-3 with LoRA (the adapters start at zero:
+    a larger step) or full_lr; min_lr lr / 10."""
+    lr = given.get("lr") or (1e-3 if given.get("lora", defaults["lora"]) else full_lr)
+    return dict(defaults, lr=lr, min_lr=lr / 10)
+
+
+def hooks(cfg: dict, model) -> tuple:
+    """(adapt, load, write_weights) for lesson 07's stage.start_model and train.fit: with --lora, new adapters on
+    the frozen base (or, resuming, the checkpoint's, unmerged, on it), and checkpoints that hold only the
+    adapters; without, None for each: the base as is, the checkpoint's weights, model.safetensors."""
+    if not cfg["lora"]:
+        return None, None, None
+    adapt = lambda m: apply_lora(m, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_targets"].split(","))  # noqa: E731
+    load = lambda ckpt_dir, base: load_adapters(base, checkpoint.find(ckpt_dir) or ckpt_dir)  # noqa: E731
+    return adapt, load, lambda d: save_adapters(model, d / weights.ADAPTER_FILE, cfg["base"])
 
 
 if __name__ == "__main__":

@@ -110,15 +110,6 @@ class ChatFormat:
         return ids, mask
 
 
-def find_tokenizer(checkpoint, tokenizer=None) -> Path:
-    """--tokenizer if given; else a tokenizer.json beside the checkpoint (exports carry one); else lesson 01's."""
-    if tokenizer:
-        return Path(tokenizer)
-    path = Path(checkpoint)
-    beside = (path if path.is_dir() else path.parent) / "tokenizer.json"
-    return beside if beside.is_file() else Path(tokenizer_lib.DEFAULT_TOKENIZER_PATH)
-
-
 if __name__ == "__main__":
     def demo():
         fmt = ChatFormat(tokenizer_lib.load_tokenizer())  # data/tokenizer.json, from lesson 01

@@ -2,15 +2,9 @@
 
     checkpoint --06_model/hf.py export_hf--> out dir (LlamaForCausalLM + tokenizer) --lm_eval, model="hf"--> results
 
-The field's reference implementation scores the offline benchmark (09_eval/tasks/*.yaml: dataset_path
-json, local files) exactly as eval.py does: the same tokens (its encode_pair is score.encode_pair), the
-same sums, acc_bytes == eval.py's per-byte rule, acc on last_word == eval.py's greedy exact match. The
-test suite checks that they pick the same choice on every item. Its acc_norm divides by characters,
-eval.py's acc_bytes by bytes: the same on this ASCII corpus.
-
-With the Hugging Face hub, any harness task runs through the same command (--tasks hellaswag,arc_easy);
-without it, that fails in one line. The export gets a pad token (</s>, the id generation_config.json already
-pads with), which lesson 06's export leaves out and batched harness requests need.
+The field's reference implementation scores the offline benchmark (tasks/*.yaml: local JSONL files) as eval.py
+does, and the test suite checks that both pick the same choice on every item (notes.md §7: its acc_norm is
+eval.py's acc_bytes on ASCII text). Hub tasks run through the same command, and fail in one line without the hub.
 
 Usage:
     python 09_eval/harness.py --checkpoint out/ckpt_best                    # lillm_next_line, lillm_speaker, lillm_last_word
@@ -28,41 +22,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+weights = import_module("06_model.weights")
 hf = import_module("06_model.hf")
-corpus = import_module("01_tokenizer.corpus")
-tokenizer_lib = import_module("01_tokenizer.tokenizer")
-template = import_module("08_sft.template")
-chat = import_module("08_sft.chat")
-benchmark = import_module("09_eval.benchmark")
+data = import_module("09_eval.data")
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
-OURS = [f"lillm_{name}" for name in benchmark.TASKS]
-def export(checkpoint, tokenizer_path, out_dir) -> Path:
-    """An export directory the harness loads: the checkpoint itself if it is one, else a fresh export_hf. 06's
-    export names a pad token inside the vocabulary (</s>); without one the harness adds a token past the table."""
+OURS = [f"lillm_{name}" for name in data.TASKS]
+
+
+def export(checkpoint, tokenizer, out_dir) -> Path:
+    """An export directory the harness loads: the checkpoint itself if it is one, else a fresh export_hf of any
+    checkpoint kind with its checked tokenizer (the export pads with </s>, inside the vocabulary)."""
     checkpoint = Path(checkpoint)
     if (checkpoint / "config.json").is_file() and (checkpoint / "tokenizer.json").is_file():
         return checkpoint
-    model = chat.load_chat_model(checkpoint)
-    vocab = tokenizer_lib.load_tokenizer(tokenizer_path).get_vocab_size()
-    if vocab > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {vocab} tokens, the model {model.config.vocab_size}: not a pair (pass --tokenizer)")
+    model, _, tokenizer_path = weights.load_pair(checkpoint, tokenizer)
     return hf.export_hf(model, tokenizer_path, out_dir)
 
 
-def task_dir(bench_dir, into) -> Path:
-    """Our YAMLs, copied into `into` with data_files pointing at bench_dir's JSONL (absolute paths)."""
-    into = Path(into)
-    into.mkdir(parents=True, exist_ok=True)
-    for yaml in TASK_DIR.glob("*.yaml"):
-        name = yaml.stem.removeprefix("lillm_")
-        data = (Path(bench_dir) / f"{name}.jsonl").resolve()
-        benchmark.load_task(data)  # a missing or empty file: our one-line error, not the harness's traceback
-        (into / yaml.name).write_text(yaml.read_text().replace(f"data/eval/{name}.jsonl", str(data)))
-    return into
-
-
-def run(hf_dir, tasks=None, bench_dir=benchmark.DEFAULT_DIR, limit=None, device="cpu", batch_size=16) -> dict:
+def run(hf_dir, tasks=None, bench_dir=data.DEFAULT_DIR, limit=None, device="cpu", batch_size=16) -> dict:
     """lm_eval.simple_evaluate with model="hf" on an export directory; returns its results dict (with samples)."""
     tasks = tasks or OURS
     hub = [t for t in tasks if t not in OURS]
@@ -70,30 +48,31 @@ def run(hf_dir, tasks=None, bench_dir=benchmark.DEFAULT_DIR, limit=None, device=
     offline = [] if hub else [k for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if k not in os.environ]
     os.environ.update({k: "1" for k in offline})
     try:
-        return _simple_evaluate(hf_dir, tasks, hub, bench_dir, limit, device, batch_size)
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for yaml in TASK_DIR.glob("*.yaml"):  # our YAMLs, their data_files pointing at bench_dir's JSONL
+                name = yaml.stem.removeprefix("lillm_")
+                path = (Path(bench_dir) / f"{name}.jsonl").resolve()
+                data.load_task(path)  # a missing or empty file: our one-line error, not the harness's traceback
+                (Path(tmp) / yaml.name).write_text(yaml.read_text().replace(f"data/eval/{name}.jsonl", str(path)))
+            manager = TaskManager(include_path=tmp)
+            if unknown := [t for t in tasks if t not in manager.all_tasks]:
+                raise ValueError(f"unknown harness task(s) {', '.join(unknown)}; ours are {', '.join(OURS)}")
+            try:
+                return lm_eval.simple_evaluate(
+                    model="hf", model_args={"pretrained": str(hf_dir), "dtype": "float32"}, tasks=list(tasks),
+                    task_manager=manager, device=device, batch_size=batch_size, limit=limit, log_samples=True,
+                    bootstrap_iters=0)  # no bootstrap standard errors: seconds instead of minutes
+            except Exception as e:  # the hub's errors come from deep inside datasets/huggingface_hub
+                if not hub:
+                    raise
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+                raise ValueError(f"harness tasks {', '.join(hub)} need the Hugging Face hub, which failed: {type(e).__name__}: {reason}") from None
     finally:
         for k in offline:
             os.environ.pop(k, None)
-
-
-def _simple_evaluate(hf_dir, tasks, hub, bench_dir, limit, device, batch_size) -> dict:
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    with tempfile.TemporaryDirectory() as tmp:
-        manager = TaskManager(include_path=str(task_dir(bench_dir, tmp)))
-        if unknown := [t for t in tasks if t not in manager.all_tasks]:
-            raise ValueError(f"unknown harness task(s) {', '.join(unknown)}; ours are {', '.join(OURS)}")
-        try:
-            return lm_eval.simple_evaluate(
-                model="hf", model_args={"pretrained": str(hf_dir), "dtype": "float32"}, tasks=list(tasks),
-                task_manager=manager, device=device, batch_size=batch_size, limit=limit, log_samples=True,
-                bootstrap_iters=0)  # no bootstrap standard errors: seconds instead of minutes
-        except Exception as e:  # the hub's errors come from deep inside datasets/huggingface_hub
-            if not hub:
-                raise
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise ValueError(f"harness tasks {', '.join(hub)} need the Hugging Face hub, which failed: {type(e).__name__}: {reason}") from None
 
 
 def main(argv=None):
@@ -101,24 +80,18 @@ def main(argv=None):
     parser.add_argument("--checkpoint", required=True, help="save_model file, out/ckpt_*/ dir, HF export dir, or LoRA adapters")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside the checkpoint, else data/tokenizer.json)")
     parser.add_argument("--tasks", default=",".join(OURS), help="comma-separated harness tasks (hub tasks need the hub)")
-    parser.add_argument("--bench_dir", default=benchmark.DEFAULT_DIR, help="the benchmark's JSONL files (built there if missing)")
+    parser.add_argument("--bench_dir", default=data.DEFAULT_DIR, help="the benchmark's JSONL files (built there if missing)")
     parser.add_argument("--hf_dir", default=None, help="where to export (default: a temporary directory)")
     parser.add_argument("--limit", type=int, default=None, help="first N items of each task")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch_size", type=int, default=16, help="the harness's batch size")
     args = parser.parse_args(argv)
     path = Path(args.checkpoint)
-    try:
-        if not path.exists():
-            raise FileNotFoundError(f"no checkpoint at {path}: train one with `python 07_pretrain_ddp/train.py`")
+    with weights.one_line_errors(), tempfile.TemporaryDirectory() as tmp:
+        hf_dir = export(path, args.tokenizer, args.hf_dir or Path(tmp) / "hf")
         if not (Path(args.bench_dir) / "meta.json").is_file():
-            benchmark.build(args.bench_dir)
-        with tempfile.TemporaryDirectory() as tmp:
-            hf_dir = export(path, template.find_tokenizer(path, args.tokenizer), args.hf_dir or Path(tmp) / "hf")
-            results = run(hf_dir, args.tasks.split(","), args.bench_dir, args.limit, args.device, args.batch_size)
-    except (FileNotFoundError, ValueError, corpus.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+            data.build(args.bench_dir)
+        results = run(hf_dir, args.tasks.split(","), args.bench_dir, args.limit, args.device, args.batch_size)
     from lm_eval.utils import make_table
 
     print(make_table(results))

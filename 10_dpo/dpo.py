@@ -5,19 +5,12 @@ model and no sampling loop (Rafailov et al., 2023, arXiv:2305.18290).
     L       = - log sigmoid( r(x, y_w) - r(x, y_l) )              per pair: y_w chosen, y_l rejected
 
 pi is the policy being trained, pi_ref the frozen SFT model it starts from; log pi(y|x) sums the answer's
-token log-probs (lesson 08's mask: the answer and its </s>). notes.md derives L from RLHF's objective,
-max E[reward] - beta KL(pi || pi_ref): beta prices how far the policy may move from the reference.
-At initialization pi = pi_ref, so every reward is 0 and L = ln 2. A step's loss is the mean over the
-global batch's pairs (07's train_step divides by the pair count N, counted before any backward).
-
-The reference never changes, so its log-probs are computed once per pair, before the first step, by the
-SFT model as loaded (and before any LoRA adapter exists), and travel with the batches: a step runs one
-policy forward per answer and no second model is ever held. With --lora the policy is lesson 08's
-adapters on the frozen SFT weights, and the reference is the same weights with the adapters off.
-
-The rest is lesson 07's loop through its objective hook (DPOObjective): DDP, the step, checkpoints,
---resume, stop signals, metrics.jsonl with TRL's names (rewards/chosen, rewards/rejected,
-rewards/accuracies, rewards/margins, logps/chosen, logps/rejected). Pairs: preferences.py.
+token log-probs (lesson 08's mask: the answer and its </s>). beta prices how far the policy may move from the
+reference (notes.md derives L from RLHF's objective, max E[reward] - beta KL(pi || pi_ref)). At initialization
+pi = pi_ref: every reward is 0 and L = ln 2. The reference never changes, so its log-probs are computed once
+per pair, by the SFT model as loaded (before any LoRA adapter exists), and travel with the batches: no second
+model is held while training. The rest is lesson 07's loop through its objective hook (DPOObjective), logging
+TRL's figure names. The pairs: data.py; the closing figures: eval.py.
 
 Commands (after lesson 08, which writes out/sft/ckpt_best):
     python 10_dpo/dpo.py --base out/sft/ckpt_best                   # full fine-tuning on the offline pairs
@@ -32,7 +25,6 @@ normalization, reference updates (TR-DPO), torch.compile.
 import random
 import sys
 import time
-from contextlib import contextmanager
 from importlib import import_module
 from pathlib import Path
 
@@ -46,17 +38,16 @@ if str(ROOT) not in sys.path:
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
 hf = import_module("06_model.hf")
 train = import_module("07_pretrain_ddp.train")  # the step, the loop, the optimizer, DDP
-config = import_module("07_pretrain_ddp.config")
-data = import_module("07_pretrain_ddp.data")
+stage = import_module("07_pretrain_ddp.stage")  # flags, resolver, loading the base, launch
+windows = import_module("07_pretrain_ddp.data")  # its epoch-shuffled sampler, here over pairs
 checkpoint = import_module("07_pretrain_ddp.checkpoint")
 metrics = import_module("07_pretrain_ddp.metrics")
 template = import_module("08_sft.template")
 lora = import_module("08_sft.lora")
-sft = import_module("08_sft.sft")  # loading the SFT model, and a trained checkpoint with or without adapters
-preferences = import_module("10_dpo.preferences")
-evaluate = import_module("10_dpo.evaluate")
-flags = import_module("10_dpo.flags")  # DEFAULTS, parse_args, resolve_config
-IGNORE = -100
+sft = import_module("08_sft.sft")  # target_logps
+data = import_module("10_dpo.data")  # the pairs
+evaluation = import_module("10_dpo.eval")  # the closing figures
+IGNORE = train.IGNORE
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float) -> tuple:
@@ -69,13 +60,9 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
 
 
 def sequence_logps(model, inputs, targets):
-    """(R,) log pi(answer | prompt) of each row: the sum of its target tokens' log-probs (targets != IGNORE).
+    """(R,) log pi(answer | prompt) of each row: the sum of its target tokens' log-probs (lesson 08's target_logps).
     inputs, targets: (R, T) as lesson 08's collate makes them."""
-    logits, _ = model(inputs)  # (R, T, V)
-    R, T, V = logits.shape
-    # cross_entropy = -log_softmax at the target, 0 where ignored; float32, as the model's own loss
-    nll = F.cross_entropy(logits.float().view(R * T, V), targets.reshape(R * T), ignore_index=IGNORE, reduction="none")
-    return -nll.view(R, T).sum(dim=1)  # (R,)
+    return sft.target_logps(model, inputs, targets).sum(dim=1)  # (R,)
 
 
 FIGURES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -111,176 +98,127 @@ def by_length(encoded: list, size: int) -> list:
 
 
 @torch.no_grad()
-def reference_logps(model, encoded: list, chunks: list, run, autocast, pad_id: int) -> torch.Tensor:
-    """(N, 2): log pi_ref of every pair's chosen and rejected answer, by `model` as it is now. The chunks
-    (by_length) are dealt to the ranks like cards; each value is computed by one rank and the others add
-    zeros, so every rank gets the same values whatever the world size."""
-    out = torch.zeros(len(encoded), 2, device=run.device)
+def pair_logps(model, encoded: list, chunks: list, run, autocast, pad_id: int) -> torch.Tensor:
+    """(N, 2): log pi of every pair's chosen and rejected answer, by `model` as it is now (before the first step:
+    the reference). The chunks (by_length) are dealt to the ranks like cards; each value is computed by one rank
+    and the others add zeros, so every rank gets the same values whatever the world size."""
+    out, was_training = torch.zeros(len(encoded), 2, device=run.device), model.training
     model.eval()
     for chunk in chunks[run.rank :: run.world]:
-        x, y = (t.to(run.device) for t in preferences.collate([encoded[i] for i in chunk], pad_id))
+        x, y = (t.to(run.device) for t in data.collate([encoded[i] for i in chunk], pad_id))
         with autocast:
             logps = sequence_logps(model, x, y)
         out[chunk] = torch.stack(logps.chunk(2), dim=1)  # (P, 2)
-    model.train()
+    model.train(was_training)
     if run.ddp:
         dist.all_reduce(out)
     return out
 
 
-@torch.no_grad()
-def validate(model, batches: list, beta: float, run, autocast) -> dict:
-    """The DPO loss and figures, means over every rank's validation pairs (the same on all ranks), plus
-    val_preference_accuracy: the share of pairs where log pi(chosen) > log pi(rejected)."""
-    total = torch.zeros(len(FIGURES) + 3, dtype=torch.float64, device=run.device)  # loss, figures, preferred, pairs
-    model.eval()
-    for inputs, targets, ref in batches:
-        with autocast:
-            logps = sequence_logps(model, inputs, targets)
-        loss, figures = pair_figures(logps, ref, beta)
-        chosen, rejected = logps.chunk(2)
-        total += torch.stack([loss, *figures.values(), (chosen > rejected).float().sum(), chosen.new_tensor(len(chosen))]).double()
-    model.train()
-    if run.ddp:
-        dist.all_reduce(total)
-    *sums, n = total.tolist()
-    return {f"val_{k}": v / n for k, v in zip(("loss", *FIGURES, "preference_accuracy"), sums)}
-
-
-@contextmanager
-def adapters_off(model):
-    """The reference inside a LoRA policy, with no second copy of the weights: every adapter's scale at 0,
-    so each layer computes W x + 0 * (B A x) = W x exactly, the SFT model's output."""
-    modules = lora.lora_modules(model)
-    scales = {name: m.scale for name, m in modules.items()}
-    for m in modules.values():
-        m.scale = 0.0
-    try:
-        yield model
-    finally:
-        for name, m in modules.items():
-            m.scale = scales[name]
+def validate(logps, ref, beta: float) -> dict:
+    """The DPO loss and TRL's figures, means over the validation pairs (logps, ref (N, 2): by pair_logps, the same on
+    every rank), plus val_preference_accuracy: the share of pairs where log pi(chosen) > log pi(rejected)."""
+    loss, figures = pair_figures(logps.T.flatten().double(), ref.T.flatten().double(), beta)  # (2N,): chosen answers first
+    n, preferred = len(logps), (logps[:, 0] > logps[:, 1]).double().mean().item()
+    return {"val_loss": loss.item() / n, **{f"val_{k}": v.item() / n for k, v in figures.items()},
+            "val_preference_accuracy": preferred}
 
 
 def prefer(cfg: dict, state: dict | None, run) -> dict:
     started = time.perf_counter()
-    tokenizer_path = template.find_tokenizer(cfg["base"], cfg["tokenizer"])
-    model, fmt = load_sft(cfg, run.device, tokenizer_path)
-    max_len, B, A = model.config.max_seq_len, cfg["batch_size"], cfg["grad_accum"]
-    train_pairs, val_pairs = preferences.train_val_pairs(*(cfg[k] for k in ("data", "val_data", "hf_dataset", "hf_split",
-                                                                             "hf_limit", "data_dir", "val_fraction")))
+    model, tok, tokenizer_path = stage.load_base(cfg, run.device)  # a LoRA --base comes merged: the SFT model
+    fmt, max_len, B, A = template.ChatFormat(tok), model.config.max_seq_len, cfg["batch_size"], cfg["grad_accum"]
+    train_pairs, val_pairs = data.pairs_of(cfg)
     random.Random(cfg["seed"]).shuffle(train_pairs)  # a seeded subset when --max_pairs cuts: the reference scores each once
-    encoded, _ = preferences.encode_pairs(fmt, train_pairs[: cfg["max_pairs"] or None], max_len)
-    val_encoded, val_kept = preferences.encode_pairs(fmt, val_pairs[: cfg["val_pairs"] or None], max_len)
+    encoded, _ = data.encode_pairs(fmt, train_pairs[: cfg["max_pairs"] or None], max_len)
+    val_encoded, val_kept = data.encode_pairs(fmt, val_pairs[: cfg["val_pairs"] or None], max_len)
     if len(encoded) < B * A * run.world or len(val_encoded) < run.world:
-        raise preferences.DataError(f"{len(encoded)} train and {len(val_encoded)} val pairs fit {max_len} tokens: fewer than one global "
-                                    f"batch of {B * A * run.world} pairs, or than one val pair per process; fix: more pairs or a smaller --batch_size")
-    dtype, autocast = config.precision(cfg, run.device)
+        raise data.DataError(f"{len(encoded)} train and {len(val_encoded)} val pairs fit {max_len} tokens: fewer than one global "
+                             f"batch of {B * A * run.world} pairs, or than one val pair per process; fix: more pairs or a smaller --batch_size")
+    dtype, autocast = stage.precision(cfg, run.device)
 
     # The reference: the SFT model as loaded, before any step and any adapter. Its log-probs, once per pair.
     scoring = time.perf_counter()
-    ref = reference_logps(model, encoded, by_length(encoded, B), run, autocast, fmt.eot_id)  # (N, 2)
+    ref = pair_logps(model, encoded, by_length(encoded, B), run, autocast, fmt.eot_id)  # (N, 2)
     val_chunks = by_length(val_encoded, B)  # validation reads the very chunks its reference was computed on
-    val_ref = reference_logps(model, val_encoded, val_chunks, run, autocast, fmt.eot_id)  # (N_val, 2)
-    val_batches = [to_device([val_encoded[i] for i in c], val_ref[c], fmt, run) for c in val_chunks[run.rank :: run.world]]
+    score_val = lambda m, r=run: pair_logps(m, val_encoded, val_chunks, r, autocast, fmt.eot_id)  # noqa: E731
+    val_ref = score_val(model)  # (N_val, 2)
+    scored = time.perf_counter() - scoring
 
-    torch.manual_seed(cfg["seed"])  # the same adapters' initialization on every rank
-    if state is not None and run.rank == state["source_rank"]:  # its disk holds the checkpoint
-        model = sft.load_trained(cfg, Path(cfg["out_dir"]) / "ckpt_latest", run.device, model)
-    elif cfg["lora"]:
-        lora.apply_lora(model, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_targets"].split(","))
-    if state is not None:
-        checkpoint.broadcast_weights(model, state["source_rank"], run)
-    no_dropout(model)
+    adapt, load, write_weights = lora.hooks(cfg, model)
+    model = stage.start_model(cfg, state, run, model, adapt, load)
+    for m in model.modules():  # dropout off, as TRL does: the reference was scored without it (step 0's rewards are 0)
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
     optimizer = train.make_optimizer(model, cfg["lr"], cfg["weight_decay"], run.device)
-    step, best_val, position = (0, float("inf"), 0) if state is None else checkpoint.restore(state, optimizer, run)
-    sampler = data.RankSampler(data.WindowStream(len(encoded), cfg["seed"]), B, run.rank, run.world, position)
+    step, best_val, position = checkpoint.restore(state, optimizer, run)
+    sampler = windows.RankSampler(windows.WindowStream(len(encoded), cfg["seed"]), B, run.rank, run.world, position)
 
-    def micro_batch():
+    def micro_batch():  # (inputs (2P, T), targets (2P, T), reference log-probs (2P,)): the P chosen rows first
         ids = torch.as_tensor(sampler.next_ids())
-        return to_device([encoded[i] for i in ids.tolist()], ref[ids], fmt, run)
+        x, y = data.collate([encoded[i] for i in ids.tolist()], fmt.eot_id)
+        return x.to(run.device), y.to(run.device), ref[ids].T.flatten().to(run.device)
 
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    metrics.describe_run(cfg, run, model, [
+    stage.describe_run(cfg, run, model, [
         f"SFT model {cfg['base']}: {model.num_params():,} parameters, {n_train:,} trained ({'LoRA' if cfg['lora'] else 'full'}), "
         f"beta {cfg['beta']}, on {run.device} ({dtype}), {run.world} process(es)",
         f"pairs: {len(encoded):,} train, {len(val_encoded):,} val (of {len(train_pairs):,} and {len(val_pairs):,}; longer than {max_len} "
         f"tokens: dropped); global batch = {B} pairs x {A} micro-steps x {run.world} processes; one epoch = "
-        f"{len(encoded) / (B * A * run.world):.1f} steps; the reference scored them in {time.perf_counter() - scoring:.1f} s"])
+        f"{len(encoded) / (B * A * run.world):.1f} steps; the reference scored them in {scored:.1f} s"], template.CHAT_TEMPLATE)
     before = state["before"] if state is not None else {}
     if state is None and run.master:
-        before = {"exact": evaluate.exact_answer_rate(model, fmt, val_kept[: cfg["eval_prompts"]], cfg["answer_tokens"]),
-                  "preference_accuracy": (val_ref[:, 0] > val_ref[:, 1]).float().mean().item(),
-                  "logps/chosen": val_ref[:, 0].mean().item(), "logps/rejected": val_ref[:, 1].mean().item()}
+        before = evaluation.sft_figures(model, fmt, val_kept, val_ref, cfg)
     log = metrics.Metrics(Path(cfg["out_dir"]) / "metrics.jsonl", step, run.master)
-    adapters_only = (lambda d: lora.save_adapters(model, d / lora.ADAPTER_FILE, cfg["base"])) if cfg["lora"] else None
     result = train.fit(model, train.wrap_ddp(model, run), optimizer, lambda: [micro_batch() for _ in range(A)],
-                       lambda: validate(model, val_batches, cfg["beta"], run, autocast), cfg, run, log, (step, best_val, sampler),
+                       lambda: validate(score_val(model), val_ref, cfg["beta"]), cfg, run, log, (step, best_val, sampler),
                        {"tokenizer_sha256": tokenizer_lib.tokenizer_sha256(tokenizer_path), "before": before}, autocast,
-                       write_weights=adapters_only, objective=DPOObjective(cfg["beta"]))
+                       write_weights=write_weights, objective=DPOObjective(cfg["beta"]))
     if not (result["finished"] and run.master):
         return {"step": result["step"], "before": before}
-    return finish(cfg, log, result, before, (val_encoded, val_kept, val_ref), fmt, tokenizer_path, run, started)
-
-
-def finish(cfg, log, result, before, val, fmt, tokenizer_path, run, started) -> dict:
-    """Rank 0, after the last step: the best checkpoint against the SFT model (evaluate.report), and its export."""
-    out_dir, (val_encoded, val_kept, val_ref), B = Path(cfg["out_dir"]), val, cfg["batch_size"]
-    best = sft.load_trained(cfg, out_dir / "ckpt_best", run.device).eval()  # LoRA: the SFT model + adapters, unmerged
-    if cfg["lora"]:
-        def reference_logits(x):  # the reference inside the policy: no second copy
-            with adapters_off(best):
-                return best(x)[0]
-    else:
-        reference = load_sft(cfg, run.device, tokenizer_path)[0].eval()
-        reference_logits = lambda x: reference(x)[0]  # noqa: E731
-    solo, kinds = data.Run(False, 0, 0, 1, run.device), {}  # rank 0 alone: no collective
-    for kind in sorted({p.kind for p in val_kept}):  # the validation pairs by kind: which preferences were learnt
-        idx = [i for i, p in enumerate(val_kept) if p.kind == kind]
-        batches = [to_device([val_encoded[i] for i in idx[k : k + B]], val_ref[idx[k : k + B]], fmt, solo) for k in range(0, len(idx), B)]
-        kinds[kind] = ((val_ref[idx, 0] > val_ref[idx, 1]).float().mean().item(),
-                       validate(best, batches, cfg["beta"], solo, config.precision(cfg, run.device)[1]))
-    after = evaluate.report(best, reference_logits, fmt, val_kept[: cfg["eval_prompts"]], before, kinds, log.records,
-                            result["best_val_loss"], cfg["answer_tokens"], cfg["seed"])
-    hf.export_hf(lora.merge_lora(best), tokenizer_path, out_dir / "hf", chat_template=template.CHAT_TEMPLATE)
+    out_dir, solo = Path(cfg["out_dir"]), stage.Run(False, 0, 0, 1, run.device)  # rank 0 alone: no collective
+    best = checkpoint.load_model(out_dir / "ckpt_best", run.device).eval()  # LoRA: merged onto the SFT model
+    after = evaluation.report(cfg, best, stage.load_base(cfg, run.device)[0].eval(), fmt, (val_kept, val_ref, score_val(best, solo)),
+                              log.records, result["best_val_loss"], before)
+    hf.export_hf(best, tokenizer_path, out_dir / "hf", chat_template=template.CHAT_TEMPLATE)
     print(f"wall time {time.perf_counter() - started:.0f} s; chat with it: python 08_sft/chat.py --checkpoint {out_dir / 'ckpt_best'}"
           f"   (Hugging Face export with the chat template: {out_dir / 'hf'})")
     return {"step": result["step"], "before": before, "after": after}
 
 
-def to_device(pairs: list, ref, fmt, run) -> tuple:
-    """(inputs (2P, T), targets (2P, T), reference log-probs (2P,)) on the device: the chosen rows first."""
-    x, y = preferences.collate(pairs, fmt.eot_id)
-    return x.to(run.device), y.to(run.device), torch.cat([ref[:, 0], ref[:, 1]]).to(run.device)
+DEFAULTS = dict(stage.POST_TRAINING, **stage.HUB, base="out/sft/ckpt_best", data_dir=data.DEFAULT_DIR, out_dir="out/dpo", beta=0.1,
+                max_pairs=2400, val_pairs=256, **lora.LORA_DEFAULTS, batch_size=16, max_steps=150, warmup_steps=10,
+                eval_prompts=128, answer_tokens=32)
 
 
-def no_dropout(model) -> None:
-    """Dropout off in the policy (as TRL does): the reference's log-probs were computed without it, and a
-    policy with dropout would differ from the reference at step 0 by noise alone (the rewards would not be 0)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+def parse_args(argv=None) -> dict:
+    parser, flag = stage.make_parser("DPO: align a lilLM chat model with pairs of better and worse answers.", {"default": DEFAULTS})
+    stage.add_post_training_flags(flag, "the SFT model, also the reference: a lilLM checkpoint (08's out/sft/ckpt_best; LoRA "
+                                  "adapters load merged), file, or Hugging Face export", '{"prompt", "chosen", "rejected"} (TRL\'s)')
+    flag("beta", "DPO's beta: the price of moving away from the reference (small: far, large: stay close)", type=float)
+    flag("max_pairs", "train on a seeded subset of this many pairs (the reference scores each once, at the start); 0: all", type=int)
+    flag("val_pairs", "validation pairs, the first of the set; 0: all", type=int)
+    lora.add_lora_flags(flag, "the frozen SFT model")
+    stage.add_training_flags(flag)  # lr None: 1e-4 full, 1e-3 LoRA; min_lr None: lr / 10
+    flag("eval_prompts", "validation prompts answered greedily (exact answers) and sampled (KL), before and after", type=int)
+    flag("answer_tokens", "longest answer, in tokens, for those measurements", type=int)
+    return vars(parser.parse_args(argv))
 
 
-def load_sft(cfg: dict, device, tokenizer_path: Path):
-    """The SFT model (full weights: a checkpoint, a file, or a Hugging Face export) and its ChatFormat,
-    the tokenizer checked against the one it was trained with (lesson 08's load_base)."""
-    if (Path(cfg["base"]) / lora.ADAPTER_FILE).is_file():
-        raise config.TrainError(f"{cfg['base']} holds LoRA adapters, not a model: pass the SFT run's merged export "
-                                f"({Path(cfg['base']).parent / 'hf'}) as --base")
-    return sft.load_base(cfg, device, tokenizer_path)
+def resolve_config(given: dict, saved: dict | None = None) -> dict:
+    cfg = stage.resolve(given, lora.with_lr(DEFAULTS, given, 1e-4), saved, lora.SHAPE, ("lora_rank", "eval_prompts", "answer_tokens"))
+    if cfg["beta"] <= 0 or cfg["max_pairs"] < 0 or cfg["val_pairs"] < 0:
+        raise stage.TrainError(f"need beta > 0, max_pairs >= 0 and val_pairs >= 0; got {cfg['beta']}, {cfg['max_pairs']}, {cfg['val_pairs']}")
+    return cfg
+
+
+def build(cfg: dict) -> None:  # the offline preference set, when no --data or --hf_dataset is given (stage.build_once)
+    if not (cfg["data"] or cfg["hf_dataset"]):
+        data.default_data(cfg["data_dir"])
 
 
 def main(argv=None) -> dict:
-    """Flags -> config -> DPO, with lesson 07's one-line errors (exit code 2) for bad input."""
-    with config.one_line_errors():
-        return config.launch(flags.parse_args(argv), flags.resolve_config, build_preference_set, prefer)
-
-
-def build_preference_set(cfg: dict) -> None:
-    """The offline preference set, built when no --data or --hf_dataset is given (run through build_once)."""
-    if not (cfg["data"] or cfg["hf_dataset"]):
-        preferences.default_data(cfg["data_dir"])
+    return stage.main(parse_args(argv), resolve_config, build, prefer)
 
 
 if __name__ == "__main__":

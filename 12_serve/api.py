@@ -1,30 +1,9 @@
-"""The OpenAI API's shape: what a request may hold, what the answer looks like, and text streamed safely.
+"""The OpenAI API's shape: what a request may hold (checked where it enters), the answer objects and their
+stream chunks, OpenAI's error body, and TextStream (token ids -> text pieces, linear in the answer).
 
-    POST /v1/chat/completions  {"model", "messages": [{"role", "content"}], "max_tokens", "temperature", "top_p",
-                                "stop", "seed", "stream", "stream_options": {"include_usage"}}
-        -> {"object": "chat.completion", "choices": [{"message": {"role": "assistant", "content"}, "finish_reason"}],
-            "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}
-    POST /v1/completions       the same with "prompt": str instead of messages (base models)
-        -> {"object": "text_completion", "choices": [{"text", "finish_reason"}], "usage"}
-    stream: true               Server-Sent Events, one `data: {json}\\n\\n` per piece of text
-        -> chat.completion.chunk {"choices": [{"delta": {"content"}}]} / text_completion {"choices": [{"text"}]},
-           the last with finish_reason, then `data: [DONE]`
-    any error                  a 4xx/5xx status and {"error": {"message", "type", "param", "code"}}
-
-Fields the official client may send that lilLM does not use (user, presence_penalty, frequency_penalty,
-logit_bias, ...) are ignored; n > 1, logprobs and tools are refused rather than silently dropped.
-
-Every value a request carries is checked here, where it enters, so that nothing a client sends can fail
-later inside the engine, where one row's failure would reach the rows beside it: a role is one of the
-three the template knows, text is valid Unicode (no lone surrogate, which no tokenizer can encode), a
-seed fits torch's generator ([0, 2**63)), and at most 4 stop strings of at most 256 characters each
-(OpenAI's bound on their count; the length bound keeps matching them a fixed cost per token).
-
-TextStream turns token ids into text pieces in time linear in the answer: each new token is decoded with
-only the few tokens since the last whole character as context (a byte-level BPE token can end inside a
-multi-byte UTF-8 character, so a piece is released once its characters are whole), and only the text not
-yet sent is searched for stop strings: that tail is never longer than the longest stop string, because
-text that might be the start of one is held back, and everything else has been sent.
+Every field is checked here, so that nothing a client sends can fail later inside the engine, beside
+other requests: a known role, valid Unicode, a seed in [0, 2**63), at most 4 stop strings of 256
+characters. Fields lilLM does not use are ignored; n > 1, logprobs and tools are refused (notes.md, 6-7).
 """
 
 import json
@@ -39,7 +18,7 @@ MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256
 
 
 class APIError(Exception):
-    """An error the client caused (4xx) or the server's state (429, 503): answered as OpenAI's error JSON."""
+    """An error the client caused (4xx) or the server's state (429, 503, 500): answered as OpenAI's error JSON."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  type: str = "invalid_request_error"):
@@ -81,8 +60,7 @@ class Sampling(BaseModel):
     logprobs: Literal[False, None] = None
 
     def stop_strings(self) -> list:
-        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        return [s for s in stop if s]
+        return [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop or []) if s]
 
 
 class TextPart(BaseModel):
@@ -108,40 +86,34 @@ class Message(BaseModel):
 
 
 class ChatRequest(Sampling):
-    messages: list[Message]
+    messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
     tools: None = None  # no tool calls
 
 
 class CompletionRequest(Sampling):
-    prompt: Text | list[Text]
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)]  # one string (n = 1)
     max_tokens: int | None = Field(16, ge=1)  # the legacy endpoint's default
 
     def text(self) -> str:
-        if isinstance(self.prompt, str):
-            return self.prompt
-        if len(self.prompt) != 1:
-            raise APIError(400, f"'prompt' must be one string (n = 1), got a list of {len(self.prompt)}", "prompt")
-        return self.prompt[0]
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
 class TextStream:
     """Token ids in, text pieces out: whole UTF-8 characters only, cut at the first stop string.
 
     ids[prefix:read] were decoded already and are the context of the next decode (a tokenizer may spell a
-    token differently at the start of a text); ids[read:] are not out yet. `held` is decoded text kept back
-    because it may be the start of a stop string. Each push decodes O(1) tokens and searches O(longest stop)
-    characters, so a whole answer costs time linear in its length.
+    token differently at the start of a text); ids[read:] are not out yet. `held` is text kept back because
+    it may be the start of a stop string. A push decodes O(1) tokens and searches O(longest stop) characters.
     """
 
     def __init__(self, tokenizer, stop: list = ()):
         self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
-        self.ids, self.prefix, self.read = [], 0, 0
-        self.held = ""
+        self.ids, self.prefix, self.read, self.held = [], 0, 0, ""
         self.stopped = False  # a stop string was found: nothing more comes out
 
     def push(self, token: int) -> str:
-        """The new printable text after one more token ("" while a character or a possible stop string is unfinished)."""
+        """The new printable text after one more token ("" while a character or a possible stop is unfinished)."""
         self.ids.append(token)
         return self._release(final=False)
 
@@ -169,41 +141,32 @@ class TextStream:
         return text[:len(text) - keep]
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
 class Reply:
-    """Builds one request's answer objects: the whole answer, or its SSE chunks."""
+    """One request's answer objects: the whole answer, or its stream's chunks."""
 
     def __init__(self, chat: bool, model: str):
         self.chat, self.model = chat, model
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        self.created = int(time.time())
+        self.id, self.created = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], int(time.time())
 
-    def _head(self, obj: str) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+    def _wrap(self, obj: str, **fields) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, **fields}
 
-    def whole(self, text: str, finish_reason: str, use: dict) -> dict:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": [choice], "usage": use}
+    def whole(self, text: str, finish_reason: str, usage: dict) -> dict:
+        content = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+        choice = {"index": 0, **content, "logprobs": None, "finish_reason": finish_reason}
+        return self._wrap("chat.completion" if self.chat else "text_completion", choices=[choice], usage=usage)
 
     def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False) -> dict:
         """One piece of the stream. Chat: the first chunk carries the role, the last an empty delta."""
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            return {**self._head("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-        return {**self._head("text_completion"), "choices": [choice]}
+            return self._wrap("chat.completion.chunk", choices=[choice])
+        return self._wrap("text_completion", choices=[{"index": 0, "text": text or "", "logprobs": None,
+                                                       "finish_reason": finish_reason}])
 
-    def usage_chunk(self, use: dict) -> dict:
-        return {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [], "usage": use}
+    def usage_chunk(self, usage: dict) -> dict:
+        return self._wrap("chat.completion.chunk" if self.chat else "text_completion", choices=[], usage=usage)
 
 
 def sse(obj) -> str:

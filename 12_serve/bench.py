@@ -1,19 +1,15 @@
 """Benchmark: aggregate tokens/s and time to first token under N concurrent streaming clients, for one request
-at a time, static batching and continuous batching.
+at a time (max_batch 1), static batching and continuous batching.
 
     python 12_serve/bench.py                                   # a random-init model of the default config (39.6M)
     python 12_serve/bench.py --checkpoint out/ckpt_best        # the main job's model
     python 12_serve/bench.py --clients 16 --modes one,continuous --requests 2 --max_tokens 32   # one column, quickly
     python 12_serve/bench.py --engine_only                     # no server: prefill and decode step times, 1-32 rows
 
-For each mode the server (serve.py's app) runs in this process on a loopback port; each of N clients sends
---requests streaming /v1/completions requests one after the other, greedy, each asking for a number of
-tokens drawn between max_tokens / 4 and max_tokens (answers of different lengths, as a chat server sees),
-with prompts of --prompt_min..--prompt_max tokens. Greedy answers are the same in every mode, so every mode
-does the same work. Reported per mode and N: completion tokens / wall time from the first request to
-the last token, p50 and p95 of the time from sending a request to its first text, the engine's KV cache
-(allocated up front: max_batch rows of max_seq_len positions), the weights, and the process's peak memory.
-Modes: one = --max_batch 1; static = a batch admitted only when the last one has ended; continuous.
+Per mode, serve.py's app runs in this process on a loopback port; each of N clients sends --requests greedy
+streaming /v1/completions requests one after the other, each for max_tokens/4..max_tokens tokens (greedy:
+every mode does the same work). Reported: completion tokens / wall time, p50 and p95 time to first text,
+the largest batch, the KV cache (allocated up front), the weights and the process's peak memory.
 """
 
 import argparse
@@ -34,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one imp
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 lillm = import_module("06_model.model")
+weights = import_module("06_model.weights")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
 batching = import_module("12_serve.batching")
 serve = import_module("12_serve.serve")
@@ -47,6 +44,7 @@ TEXT = ("Now is the winter of our discontent made glorious summer by this sun of
 
 
 async def one_client(http, jobs: list, out: list):
+    """Each job (prompt, max_tokens) streamed in turn; out gets (sent, first text, last token, tokens) per job."""
     for prompt, max_tokens in jobs:
         body = {"model": "lillm", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}}
@@ -54,49 +52,45 @@ async def one_client(http, jobs: list, out: list):
         async with http.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200, await r.aread()
             async for line in r.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
-                    first = time.perf_counter()
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                        first = time.perf_counter()
+                    tokens = chunk["usage"]["completion_tokens"] if chunk.get("usage") else tokens
         out.append((start, first or time.perf_counter(), time.perf_counter(), tokens))
 
 
-async def load(url: str, jobs_per_client: list) -> list:
-    limits = httpx.Limits(max_connections=len(jobs_per_client) + 4)
+async def clients(url: str, jobs_per_client: list) -> list:
+    out, limits = [], httpx.Limits(max_connections=len(jobs_per_client) + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-        out = []
         await asyncio.gather(*(one_client(http, jobs, out) for jobs in jobs_per_client))
     return out
 
 
 def measure(model, tokenizer, mode: str, n_clients: int, args) -> dict:
-    max_batch = 1 if mode == "one" else args.max_batch
-    engine = batching.Engine(model, max_batch=max_batch, max_waiting=256, policy="static" if mode == "static" else "continuous")
+    engine = batching.Engine(model, max_batch=1 if mode == "one" else args.max_batch, max_waiting=256,
+                             policy="static" if mode == "static" else "continuous")
     running = serve.InThread(serve.create_app(engine, tokenizer, "lillm"))
     try:
-        asyncio.run(load(running.url, [[(args.prompts[0], 2)]]))  # warm up
+        asyncio.run(clients(running.url, [[(args.prompts[0], 2)]]))  # warm up
         rng = random.Random(n_clients)  # the same requests in every mode
         jobs = [[(rng.choice(args.prompts), rng.randint(max(1, args.max_tokens // 4), args.max_tokens))
                  for _ in range(args.requests)] for _ in range(n_clients)]
         start = time.perf_counter()
-        results = asyncio.run(load(running.url, jobs))
+        results = asyncio.run(clients(running.url, jobs))
         wall = max(r[2] for r in results) - start
     finally:
         running.close()
-    kv_mb, peak = sum(k.numel() * k.element_size() * 2 for k in engine.k) / 2**20, engine.peak_rows
+    kv_mb = sum(k.numel() * k.element_size() * 2 for k in engine.k) / 2**20
     # FastAPI keeps the endpoint functions in a module-level lru_cache, and their closures hold this engine:
     # free its cache by hand, or every mode's cache would stay in memory until the end.
     engine.k.clear()
     engine.v.clear()
-    ttft = sorted(r[1] - r[0] for r in results)
-    tokens = sum(r[3] for r in results)
+    ttft, tokens = sorted(r[1] - r[0] for r in results), sum(r[3] for r in results)
     return {"mode": mode, "clients": n_clients, "requests": len(results), "tokens": tokens, "seconds": round(wall, 2),
             "tokens_per_s": round(tokens / wall, 1), "ttft_p50_s": round(statistics.median(ttft), 3),
             "ttft_p95_s": round(ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))], 3),
-            "peak_batch": peak, "kv_cache_mb": round(kv_mb, 1)}
+            "peak_batch": engine.peak_rows, "kv_cache_mb": round(kv_mb, 1)}
 
 
 @torch.inference_mode()
@@ -137,15 +131,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if args.checkpoint:
-        model, tokenizer = serve.load(args.checkpoint, args.tokenizer)
-    else:
-        tokenizer = tokenizer_lib.load_tokenizer(args.tokenizer or tokenizer_lib.DEFAULT_TOKENIZER_PATH)
-        model = lillm.LilLM(lillm.ModelConfig()).eval()
+    with weights.one_line_errors():
+        if args.checkpoint:
+            model, tokenizer, _ = weights.load_pair(args.checkpoint, args.tokenizer)
+        else:
+            tokenizer = tokenizer_lib.load_tokenizer(args.tokenizer or tokenizer_lib.DEFAULT_TOKENIZER_PATH)
+            model = lillm.LilLM(lillm.ModelConfig()).eval()
     if args.engine_only:
         return engine_alone(model, args.max_batch)
-    ids = tokenizer.encode(TEXT).ids
-    rng = random.Random(0)
+    ids, rng = tokenizer.encode(TEXT).ids, random.Random(0)
     lengths = [rng.randint(args.prompt_min, min(args.prompt_max, len(ids), model.config.max_seq_len - args.max_tokens))
                for _ in range(16)]
     args.prompts = [tokenizer.decode(ids[:n]) for n in lengths]
@@ -157,11 +151,9 @@ def main(argv=None):
     rows = []
     for n in [int(c) for c in args.clients.split(",")]:
         for mode in args.modes.split(","):
-            r = measure(model, tokenizer, mode, n, args)
-            rows.append(r)
+            rows.append(r := measure(model, tokenizer, mode, n, args))
             print(f"{mode:>10} {n:>7} {r['tokens']:>6} {r['seconds']:>7.1f} {r['tokens_per_s']:>8.1f} "
-                  f"{r['ttft_p50_s']:>8.3f} {r['ttft_p95_s']:>8.3f} {r['peak_batch']:>5} {r['kv_cache_mb']:>6.1f}",
-                  flush=True)
+                  f"{r['ttft_p50_s']:>8.3f} {r['ttft_p95_s']:>8.3f} {r['peak_batch']:>5} {r['kv_cache_mb']:>6.1f}", flush=True)
     by = {(r["mode"], r["clients"]): r["tokens_per_s"] for r in rows}
     for n in sorted({r["clients"] for r in rows}):
         if ("one", n) in by and ("continuous", n) in by:

@@ -4,25 +4,10 @@
     python 12_serve/serve.py --checkpoint out/ckpt_best             # a base model: use /v1/completions
     python 12_serve/serve.py --checkpoint out/sft/hf --host 0.0.0.0 --api_key SECRET   # reachable from other machines
 
-Any OpenAI client then talks to it:
-
-    from openai import OpenAI
-    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="SECRET, or anything without --api_key")
-    client.chat.completions.create(model="lillm", messages=[{"role": "user", "content": "Who says this?\\nTo be, or not to be"}])
-
-A request's life: the route checks it and renders the prompt (lesson 08's chat template), then hands the
-engine a batching.Request through its bounded queue (full: 429 at once) and awaits the tokens, which the
-engine thread puts on the request's asyncio.Queue (loop.call_soon_threadsafe); api.TextStream turns them
-into text, streamed as Server-Sent Events or returned whole. One thread drives the model; the event loop
-only waits, so a thousand idle connections cost no compute.
-
-Safe by default: binds 127.0.0.1; --api_key makes /v1/* answer 401 without `Authorization: Bearer KEY`;
-bounded waiting queue; limits on prompt tokens, max_tokens, messages and body bytes; every bad request gets
-OpenAI's error JSON with a 4xx status (api.py checks every field where it enters); a prompt too long to fit
-is refused by its length in characters before it is tokenized (a megabyte of text would hold the event
-loop for a second); a client that disconnects, streamed or not, frees its row at the next step; a request's
-tokens wait in a queue bounded by its max_tokens, however slowly its client reads.
-Left out on purpose: TLS (put a reverse proxy in front), per-key rate limits, n > 1, logprobs, tools.
+Any OpenAI client then talks to it: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="SECRET or anything").
+A request (notes.md, 1): checked, rendered (lesson 08's template), queued for the engine (full: 429); the engine's
+thread hands its tokens to the event loop, api.TextStream turns them into text, sent as SSE or whole. Bounds on
+the body, messages, prompt, max_tokens and queue; binds 127.0.0.1. Left out on purpose: TLS, rate limits per key.
 """
 
 import argparse
@@ -52,9 +37,10 @@ if str(ROOT) not in sys.path:
 batching = import_module("12_serve.batching")
 api = import_module("12_serve.api")
 template = import_module("08_sft.template")
-tokenizer_lib = import_module("01_tokenizer.tokenizer")
+weights = import_module("06_model.weights")
 PAGE = Path(__file__).resolve().parent / "index.html"
-UNION_TAGS = ("str", "int", "float", "bool", "list", "dict")
+UNION_TAGS = ("str", "int", "float", "bool", "list", "dict")  # pydantic's names for the members of a union
+CHARS = "characters, more than that many tokens can hold"
 
 
 @dataclass
@@ -103,8 +89,7 @@ class Answer:
     async def pieces(self):
         try:
             while (token := await self.events.get()) is not None:
-                piece = self.text.push(token)
-                if piece:
+                if piece := self.text.push(token):
                     yield piece
                 if self.text.stopped:  # a stop string: the rest is not sent, the row leaves at the next step
                     return
@@ -115,13 +100,11 @@ class Answer:
         finally:
             self.req.cancelled = True  # also when the client went away: a closed stream lands here
 
-    @property
-    def finish_reason(self) -> str:
-        return "stop" if self.text.stopped else self.req.finish_reason
-
-    @property
-    def usage(self) -> dict:
-        return api.usage(len(self.req.prompt), len(self.text.ids))
+    def finish(self) -> tuple:
+        """(finish_reason, usage) once the answer has ended."""
+        n, m = len(self.req.prompt), len(self.text.ids)  # the prompt's tokens, the answer's (</s> included)
+        usage = {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+        return "stop" if self.text.stopped else self.req.finish_reason, usage
 
     async def events_sse(self, include_usage: bool):
         """The stream: the role (chat), the text as it comes, the finish reason, the usage if asked, [DONE]."""
@@ -131,13 +114,12 @@ class Answer:
             async for piece in self.pieces():
                 if piece:
                     yield api.sse(self.reply.chunk(piece))
+            reason, usage = self.finish()
+            yield api.sse(self.reply.chunk(finish_reason=reason))
+            if include_usage:
+                yield api.sse(self.reply.usage_chunk(usage))
         except api.APIError as e:  # too late for a status code: the error is an event of the stream
             yield api.sse(e.body())
-            yield api.sse("[DONE]")
-            return
-        yield api.sse(self.reply.chunk(finish_reason=self.finish_reason))
-        if include_usage:
-            yield api.sse(self.reply.usage_chunk(self.usage))
         yield api.sse("[DONE]")
 
     async def whole(self, request: Request) -> dict:
@@ -152,26 +134,21 @@ class Answer:
             text = "".join([piece async for piece in self.pieces()])
         finally:
             watcher.cancel()
-        return self.reply.whole(text, self.finish_reason, self.usage)
-
-
-def longest_token(tokenizer) -> int:
-    """The most characters one token decodes to: a text of more than n x this many characters has more than n tokens."""
-    return max(len(tokenizer.decode([i])) for i in range(tokenizer.get_vocab_size()))
+        return self.reply.whole(text, *self.finish())
 
 
 def create_app(engine, tokenizer, name: str = "lillm", api_key: str | None = None, limits: Limits | None = None) -> FastAPI:
     """The FastAPI app serving `engine`'s model; the engine thread runs while the app does (its lifespan)."""
-    cfg, limits = engine.model.config, limits or Limits()
+    cfg, limits, created = engine.model.config, limits or Limits(), int(time.time())
     max_prompt = min(limits.max_prompt_tokens or cfg.max_seq_len, cfg.max_seq_len - 1)
     max_tokens_limit = min(limits.max_tokens or cfg.max_seq_len, cfg.max_seq_len - 1)
+    # No token spells more characters than the longest one: a longer text cannot fit, and is refused untokenized.
+    max_prompt_chars = max_prompt * max(len(tokenizer.decode([i])) for i in range(tokenizer.get_vocab_size()))
     stop_id = tokenizer.token_to_id(template.EOT)  # </s>: the end of a document and of a chat turn
     try:
         fmt = template.ChatFormat(tokenizer)
     except ValueError:  # a tokenizer without lesson 01's role tokens (an imported Llama): completions only
         fmt = None
-    created = int(time.time())
-    max_prompt_chars = max_prompt * longest_token(tokenizer)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -187,35 +164,35 @@ def create_app(engine, tokenizer, name: str = "lillm", api_key: str | None = Non
 
     @app.exception_handler(api.APIError)
     async def on_api_error(request, e: api.APIError):
-        headers = {"Retry-After": "1"} if e.status == 429 else None
-        return JSONResponse(e.body(), e.status, headers=headers)
+        return JSONResponse(e.body(), e.status, headers={"Retry-After": "1"} if e.status == 429 else None)
 
     @app.exception_handler(RequestValidationError)  # FastAPI's 422: OpenAI answers 400
     async def on_invalid(request, e: RequestValidationError):
-        # For a field that takes several shapes (stop: a string or a list), pydantic reports each shape's failure;
-        # the deepest says the most ("stop.0: at most 256 characters", not "stop: not a string").
+        # A field of several shapes (stop: a string or a list) fails once per shape: the deepest says the most.
         first = max(e.errors(), key=lambda err: len(err["loc"]))
         if first["type"] == "json_invalid":
             return await on_api_error(request, api.APIError(400, f"the body is not valid JSON ({first['ctx']['error']})"))
-        # The field's path: pydantic also names the member of a union it tried ("str", "list[...]"), dropped here.
         loc = [str(x) for x in first["loc"] if isinstance(x, int) or x != "body" and x.isidentifier() and x not in UNION_TAGS]
-        message = f"{'.'.join(loc) or 'body'}: {first['msg']}"
-        return await on_api_error(request, api.APIError(400, message, loc[0] if loc else None))
+        return await on_api_error(request, api.APIError(400, f"{'.'.join(loc) or 'body'}: {first['msg']}", loc[0] if loc else None))
 
     @app.exception_handler(HTTPException)  # unknown paths and methods, in the same shape
     async def on_http(request, e: HTTPException):
-        return await on_api_error(request, api.APIError(e.status_code, str(e.detail), code=None))
+        return await on_api_error(request, api.APIError(e.status_code, str(e.detail)))
 
     @app.exception_handler(Exception)
     async def on_bug(request, e: Exception):
         return JSONResponse(api.APIError(500, f"internal error: {type(e).__name__}", type="server_error").body(), 500)
 
-    def card() -> dict:
-        return {"id": name, "object": "model", "created": created, "owned_by": "lillm"}
+    card = {"id": name, "object": "model", "created": created, "owned_by": "lillm"}
 
     def check_model(model: str):
         if model != name:
             raise api.APIError(404, f"The model '{model}' does not exist; this server has '{name}'", "model", "model_not_found")
+
+    def check_length(n: int, limit: int, unit: str, param: str):
+        if n > limit:
+            raise api.APIError(400, f"the prompt has {n:,} {unit}; this server takes at most {max_prompt} tokens", param,
+                               "context_length_exceeded")
 
     @app.get("/")
     async def page():
@@ -229,52 +206,40 @@ def create_app(engine, tokenizer, name: str = "lillm", api_key: str | None = Non
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [card()]}
+        return {"object": "list", "data": [card]}
 
     @app.get("/v1/models/{model_id}")
     async def model(model_id: str):
         check_model(model_id)
-        return card()
-
-    def too_long(what: str, param: str):
-        return api.APIError(400, f"the prompt has {what}; this server takes at most {max_prompt} tokens", param,
-                            "context_length_exceeded")
+        return card
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: api.ChatRequest, request: Request):
         check_model(body.model)
         if fmt is None:
             raise api.APIError(400, "this model's tokenizer has no chat roles (lesson 01's <r0>..<r2>): use /v1/completions")
-        if not body.messages:
-            raise api.APIError(400, "'messages' is empty: a chat needs at least one message", "messages")
         if len(body.messages) > limits.max_messages:
             raise api.APIError(400, f"{len(body.messages)} messages; this server takes at most {limits.max_messages}", "messages")
         messages = [m.plain() for m in body.messages]
-        chars = sum(len(m["content"]) for m in messages)
-        if chars > max_prompt_chars:
-            raise too_long(f"{chars:,} characters, more than that many tokens can hold", "messages")
+        check_length(sum(len(m["content"]) for m in messages), max_prompt_chars, CHARS, "messages")
         try:
             ids, _ = fmt.encode(messages, add_generation_prompt=True)
-        except ValueError as e:
+        except ValueError as e:  # a forged special token, a misplaced system turn
             raise api.APIError(400, str(e), "messages") from None
         return await start(body, request, ids, True, body.max_tokens or body.max_completion_tokens, "messages")
 
     @app.post("/v1/completions")
     async def completions(body: api.CompletionRequest, request: Request):
         check_model(body.model)
-        text = body.text()
-        if len(text) > max_prompt_chars:
-            raise too_long(f"{len(text):,} characters, more than that many tokens can hold", "prompt")
-        ids = tokenizer.encode(text).ids
-        if not ids:
+        check_length(len(body.text()), max_prompt_chars, CHARS, "prompt")
+        if not (ids := tokenizer.encode(body.text()).ids):
             raise api.APIError(400, "'prompt' is empty", "prompt")
         return await start(body, request, ids, False, body.max_tokens, "prompt")
 
     async def start(body, request: Request, ids: list, chat: bool, max_tokens: int | None, prompt_param: str):
         """Check the lengths, queue the request, answer: a stream of events, or the whole answer once it ends."""
+        check_length(len(ids), max_prompt, "tokens", prompt_param)
         room = cfg.max_seq_len - len(ids)  # positions left for the answer
-        if len(ids) > max_prompt:
-            raise too_long(f"{len(ids)} tokens", prompt_param)
         if max_tokens is not None and max_tokens > max_tokens_limit:
             raise api.APIError(400, f"max_tokens is {max_tokens}; this server allows at most {max_tokens_limit}", "max_tokens")
         if max_tokens is not None and max_tokens > room:
@@ -330,16 +295,6 @@ class InThread:
         self.thread.join(timeout=10)
 
 
-def load(checkpoint, tokenizer=None, base=None, device="cpu"):
-    """(model, tokenizer) from a lilLM, SFT/DPO/RL or LoRA checkpoint, or a Hugging Face Llama directory."""
-    chat = import_module("08_sft.chat")
-    model = chat.load_chat_model(checkpoint, base, device)
-    tok = tokenizer_lib.load_tokenizer(template.find_tokenizer(checkpoint, tokenizer))
-    if tok.get_vocab_size() > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.get_vocab_size()} tokens, the model {model.config.vocab_size}: not a pair")
-    return model, tok
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Serve a lilLM model with the OpenAI API and a chat page.")
     parser.add_argument("--checkpoint", required=True, help="out/sft/ckpt_best, out/ckpt_best, LoRA adapters or a Hugging Face Llama dir")
@@ -361,13 +316,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        model, tokenizer = load(args.checkpoint, args.tokenizer, args.base, args.device)
+    with weights.one_line_errors():
         if args.max_batch < 1 or args.max_waiting < 1:
             raise ValueError("--max_batch and --max_waiting must be at least 1")
-    except (FileNotFoundError, ValueError, import_module("01_tokenizer.corpus").DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        model, tokenizer, _ = weights.load_pair(args.checkpoint, args.tokenizer, args.device, args.base)
     engine = batching.Engine(model, args.max_batch, args.max_waiting, args.policy)
     limits = Limits(args.max_prompt_tokens, args.max_tokens, args.max_messages, args.max_body_bytes)
     app = create_app(engine, tokenizer, args.model_name, args.api_key, limits)

@@ -194,6 +194,20 @@ def test_tokenizers_and_transformers_give_the_same_ids(small_tokenizer, text):
     assert lib.encode("Hello").ids != lib.encode(" Hello").ids, "no prefix space: 'Hello' and ' Hello' differ"
 
 
+def test_token_byte_lengths_count_bytes_and_zero_for_special_tokens(small_tokenizer):
+    tok = tokenizer_lib.load_tokenizer(small_tokenizer)
+    lengths = tokenizer_lib.token_byte_lengths(tok)
+    assert lengths.shape == (tok.get_vocab_size(),)
+    for token, i in tok.get_vocab().items():
+        expected = 0 if token in tokenizer_lib.SPECIAL_TOKENS else len(tok.decode([i]).encode())
+        if "\ufffd" not in tok.decode([i]):  # a token that ends inside a character: decode cannot count it
+            assert lengths[i] == expected, token
+    ids = tok.encode("Poison, é 日本 sleep</s>").ids  # multi-byte characters split across tokens
+    assert lengths[ids].sum() == len("Poison, é 日本 sleep".encode())
+    wider = tokenizer_lib.token_byte_lengths(tok, 600)  # a model's vocab may be larger: those ids spell nothing
+    assert wider.shape == (600,) and (wider[:512] == lengths).all() and (wider[512:] == 0).all()
+
+
 def test_max_chars_trains_on_the_first_documents_only(excerpt):
     docs = excerpt[0]
     limit = len(docs[0]) + len(docs[1]) + 1  # reached inside the third document: train on three
@@ -352,7 +366,7 @@ def test_hub_unreachable_is_a_one_line_error(small_tokenizer, tmp_path):
     # fail at once, never touch the network, and find no cached copy either
     offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     result = run_cli("prepare.py", "--corpus", "openwebtext", "--tokenizer", small_tokenizer,
-                     "--out-dir", tmp_path / "owt", env=offline)
+                     "--out_dir", tmp_path / "owt", env=offline)
     assert_one_line_error(result, "error: could not read 'hf://datasets/Skylion007/openwebtext@")
     assert not (tmp_path / "owt").exists() or files_in(tmp_path / "owt") == {}
 
@@ -478,9 +492,30 @@ def test_cli_errors_are_one_line_with_exit_code_2(excerpt, small_tokenizer, tmp_
     prepare.prepare(str(tmp_path / "docs.jsonl"), small_tokenizer, tmp_path / "out", val_fraction=0.2, progress=False)
     other = tmp_path / "other.json"
     tokenizer_lib.train(str(tmp_path / "docs.jsonl"), 300, other)
-    assert run_cli("prepare.py", "--check", "--out-dir", tmp_path / "out", "--tokenizer", small_tokenizer).returncode == 0
-    result = run_cli("prepare.py", "--check", "--out-dir", tmp_path / "out", "--tokenizer", other)
+    assert run_cli("prepare.py", "--check", "--out_dir", tmp_path / "out", "--tokenizer", small_tokenizer).returncode == 0
+    result = run_cli("prepare.py", "--check", "--out_dir", tmp_path / "out", "--tokenizer", other)
     assert_one_line_error(result, f"error: the token files in {tmp_path / 'out'} were made by another tokenizer")
+
+
+def test_flags_take_underscores_and_the_old_hyphen_spellings(excerpt, tmp_path, capsys):
+    docs = write_jsonl(tmp_path / "docs.jsonl", excerpt[0][:30])
+    for name, sep in (("new", "_"), ("old", "-")):
+        out = tmp_path / name
+        tokenizer_lib.main(["--corpus", str(docs), f"--vocab{sep}size", "300", f"--max{sep}chars", "0",
+                            f"--cache{sep}dir", str(CACHE_DIR), "--out", str(out / "tokenizer.json")])
+        tok, data = ["--tokenizer", str(out / "tokenizer.json")], [f"--out{sep}dir", str(out / "data")]
+        prepare.main(["--corpus", str(docs), *tok, *data, f"--val{sep}fraction", "0.3", f"--val{sep}tokens", "2000",
+                      f"--cache{sep}dir", str(CACHE_DIR)])
+        prepare.main(["--check", *data, *tok])
+        assert f"ok: {out / 'data'} holds" in capsys.readouterr().out
+        meta = prepare.load_meta(out / "data")
+        assert meta["vocab_size"] == 300 and meta["val_fraction"] == 0.3 and meta["val_tokens_cap"] == 2000
+    assert files_in(tmp_path / "new" / "data") == files_in(tmp_path / "old" / "data")
+    assert (tmp_path / "new" / "tokenizer.json").read_bytes() == (tmp_path / "old" / "tokenizer.json").read_bytes()
+    result = run_cli("bench.py", "--help")
+    assert result.returncode == 0, result.stderr
+    for flag in ("vocab_size", "plain_chars", "plain_vocab_size", "parquet_scale"):
+        assert f"--{flag}" in result.stdout and f"--{flag.replace('_', '-')}" in result.stdout, flag
 
 
 # ---------------------------------------------------------------- at scale: shards, workers, resuming, counts
@@ -513,7 +548,7 @@ def test_any_number_of_workers_writes_the_same_files(excerpt, small_tokenizer, t
 
 def test_a_rerun_after_a_crash_redoes_only_the_unfinished_shards(excerpt, small_tokenizer, tmp_path, monkeypatch):
     spec, out = split_into_files(excerpt[0], tmp_path / "corpus"), tmp_path / "out"
-    read, encode = corpus.shard_documents, prepare.shards.encode_shard
+    read, encode = corpus.shard_documents, prepare.encode_shard
 
     def crash_inside_the_third(shard, cache_dir):
         docs = read(shard, cache_dir)
@@ -530,7 +565,7 @@ def test_a_rerun_after_a_crash_redoes_only_the_unfinished_shards(excerpt, small_
 
     monkeypatch.setattr(corpus, "shard_documents", read)
     encoded = []
-    monkeypatch.setattr(prepare.shards, "encode_shard", lambda task: encoded.append(task["index"]) or encode(task))
+    monkeypatch.setattr(prepare, "encode_shard", lambda task: encoded.append(task["index"]) or encode(task))
     meta = prepare.prepare(spec, small_tokenizer, out, val_fraction=0.2, batch_chars=2_000, workers=1, progress=False)
     assert encoded == [2, 3], "the finished shards are kept, the others redone"
     monkeypatch.undo()  # the pool's workers need the real encode_shard
@@ -545,7 +580,7 @@ def test_a_killed_prepare_resumes_where_it_stopped(excerpt, small_tokenizer, tmp
     write_jsonl(directory / "part1.jsonl", excerpt[0][8:16])
     os.mkfifo(directory / "part2.txt")  # reading it blocks until a writer comes: the kill lands inside this shard
     write_jsonl(directory / "part3.jsonl", excerpt[0][24:32])
-    args = ["--corpus", directory, "--tokenizer", small_tokenizer, "--out-dir", out, "--val-fraction", "0.2",
+    args = ["--corpus", directory, "--tokenizer", small_tokenizer, "--out_dir", out, "--val_fraction", "0.2",
             "--workers", "1"]
     cmd = [sys.executable, str(ROOT / "01_tokenizer" / "prepare.py"), *map(str, args)]
     running = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -52,6 +52,18 @@ def test_start_pos_equals_slicing_a_longer_sequence(head_dim, T, data):
     assert torch.equal(rope.apply_rope(x[:, start:], table, start), rope.apply_rope(x, table)[:, start:])
 
 
+@given(B=st.integers(1, 4), T=st.integers(1, 20), head_dim=head_dims, seed=st.integers(0, 2**16))
+def test_a_position_per_row_equals_each_rows_own_int_position(B, T, head_dim, seed):
+    """start_pos as a (B,) tensor (lesson 12's continuous batching): row b equals apply_rope with int start_pos[b]."""
+    g = torch.Generator().manual_seed(seed)
+    table = rope.precompute_rope(head_dim, 64)
+    x = torch.randn(B, T, 2, head_dim, generator=g)
+    pos = torch.randint(0, 64 - T + 1, (B,), generator=g)
+    got = rope.apply_rope(x, table, pos)
+    for b in range(B):
+        assert torch.equal(got[b:b + 1], rope.apply_rope(x[b:b + 1], table, int(pos[b])))
+
+
 def test_rotates_interleaved_pairs_by_position_times_frequency():
     # Hand-worked: head_dim 4 -> frequencies 1 and 10000^(-1/2) = 0.01; position 3.
     x = torch.tensor([1.0, 0.0, 0.0, 1.0]).view(1, 1, 1, 4)

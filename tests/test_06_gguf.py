@@ -218,20 +218,30 @@ def test_command_exports_a_checkpoint_and_an_unmerged_lora_run(tmp_path, tokeniz
     G.main(["export", "--checkpoint", str(tmp_path / "base"), "--tokenizer", str(tokenizer_path),
             "--out", str(tmp_path / "a" / "base.gguf"), "--type", "q8_0"])
     assert "q8_0" in capsys.readouterr().out and gguf.GGUFReader(tmp_path / "a" / "base.gguf").get_field("tokenizer.chat_template") is None
-    # an SFT LoRA run: its config.json names the base, its checkpoint holds adapters; exported merged, chat template on
+    G.main(["export", "--checkpoint", str(tmp_path / "base"), "--tokenizer", str(tokenizer_path),
+            "--out", str(tmp_path / "a" / "forced.gguf"), "--chat"])  # --chat cannot invent a template
+    assert "chat template" not in capsys.readouterr().out
+    assert gguf.GGUFReader(tmp_path / "a" / "forced.gguf").get_field("tokenizer.chat_template") is None
+    # an SFT LoRA run: its run dir holds chat_template.jinja (as lesson 07's describe_run writes it for a chat stage),
+    # its checkpoint holds adapters; exported merged, chat template on
     lora.apply_lora(model, rank=2, alpha=4.0)
     with torch.no_grad():
         for m in lora.lora_modules(model).values():
             m.lora_B.normal_(0.0, 0.3)
     run = tmp_path / "sft"
     lora.save_adapters(model, run / "ckpt_best" / lora.ADAPTER_FILE, str(tmp_path / "base"))
-    (run / "config.json").write_text(json.dumps({"base": str(tmp_path / "base"), "lora": True}))
-    G.main(["export", "--checkpoint", str(run / "ckpt_best"), "--tokenizer", str(tokenizer_path), "--out", str(tmp_path / "b" / "sft.gguf")])
+    (run / "chat_template.jinja").write_text(template.CHAT_TEMPLATE)
+    args = ["export", "--checkpoint", str(run / "ckpt_best"), "--tokenizer", str(tokenizer_path)]
+    G.main(args + ["--out", str(tmp_path / "b" / "sft.gguf")])
     assert "chat template" in capsys.readouterr().out
+    assert "generation %" not in gguf.GGUFReader(tmp_path / "b" / "sft.gguf").get_field("tokenizer.chat_template").contents()
     ref = load_transformers(tmp_path / "b" / "sft.gguf")
     tokens = torch.randint(0, 300, (2, 48))
     with torch.no_grad():
         assert_close(ref(tokens).logits, model(tokens)[0], atol=1e-4, rtol=1e-4)  # the adapters are in
+    G.main(args + ["--out", str(tmp_path / "c" / "sft.gguf"), "--no-chat"])
+    assert "chat template" not in capsys.readouterr().out
+    assert gguf.GGUFReader(tmp_path / "c" / "sft.gguf").get_field("tokenizer.chat_template") is None
 
 
 def test_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path, tokenizer_path, capsys):

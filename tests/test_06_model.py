@@ -27,6 +27,7 @@ hf = import_module("06_model.hf")
 generate = import_module("06_model.generate")
 weights = import_module("06_model.weights")
 int8 = import_module("06_model.int8")
+lora = import_module("08_sft.lora")  # lesson 08's adapters, which lesson 06's loader reads merged
 
 SPECIALS = ["<unk>", "<s>", "</s>"] + [f"<r{i}>" for i in range(13)]  # lesson 01's ids 0, 1, 2, 3..15
 TEXT = "Once upon a time, a small model learned to count: un, deux, trois. Héllo wörld, 日本語のテキスト, naïve café. "
@@ -270,10 +271,13 @@ def test_streamed_text_prints_whole_characters(tokenizer_path, monkeypatch):
     assert "".join(pieces) == "日本語 naïve" and not any("\ufffd" in p for p in pieces)
 
 
-def test_generate_command_explains_how_to_get_a_checkpoint(tmp_path):
+def test_generate_command_explains_how_to_get_a_checkpoint(tmp_path, capsys):
     for argv in ([], ["--checkpoint", str(tmp_path / "missing.safetensors")]):
-        with pytest.raises(SystemExit, match="07_pretrain_ddp/train.py"):
+        with pytest.raises(SystemExit) as exit:
             generate.main(argv)
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.startswith("error: no checkpoint") and err.count("\n") == 1, err
+        assert "07_pretrain_ddp/train.py" in err and "06_model/hf.py import" in err
 
 
 def test_generate_command_streams_a_checkpoint_in_float_and_int8(tmp_path, tokenizer_path, capsys, monkeypatch):
@@ -339,6 +343,71 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
     save_file(state, str(tmp_path / "nometa.safetensors"))
     with pytest.raises(ValueError, match="lillm_config"):
         weights.load_model(tmp_path / "nometa.safetensors")
+
+
+def lora_run(tmp_path, base_model, tokenizer_sha256=None):
+    """A base checkpoint and, beside it, lesson 08's LoRA adapters trained on it (B random: a real update)."""
+    weights.save_model(base_model, tmp_path / "base" / weights.MODEL_FILE, tokenizer_sha256)
+    model = copy.deepcopy(base_model)
+    lora.apply_lora(model, rank=2, alpha=4.0, targets=("wq", "wv", "w2"))
+    with torch.no_grad():
+        for m in lora.lora_modules(model).values():
+            m.lora_B.normal_(0.0, 0.3)
+    lora.save_adapters(model, tmp_path / "run" / "ckpt_best" / weights.ADAPTER_FILE, str(tmp_path / "base"))
+    return model, tmp_path / "run" / "ckpt_best"
+
+
+def test_adapters_load_merged_onto_their_base_and_nowhere_else(tmp_path):
+    base = tiny_model()
+    adapted, ckpt = lora_run(tmp_path, base)
+    expected = lora.merge_lora(copy.deepcopy(adapted)).state_dict()  # lesson 08's own merge
+    for path in (ckpt, ckpt / weights.ADAPTER_FILE):
+        merged = weights.load_model(path)
+        assert merged.state_dict().keys() == expected.keys() and merged.output.weight is merged.tok_embeddings.weight
+        assert all(torch.equal(merged.state_dict()[k], v) for k, v in expected.items()), "not bit for bit"
+    assert not torch.equal(merged.layers[0].attention.wq.weight, base.layers[0].attention.wq.weight)
+    other = tiny_model()  # another base: under the recorded path, or passed as base=
+    weights.save_model(other, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="trained on another base") as err:
+        weights.load_model(ckpt, base=tmp_path / "other.safetensors")
+    weights.save_model(other, tmp_path / "base" / weights.MODEL_FILE)
+    with pytest.raises(ValueError, match="trained on another base") as err2:
+        weights.load_model(ckpt)
+    assert "\n" not in str(err.value) + str(err2.value)
+
+
+def test_load_pair_refuses_a_tokenizer_that_is_not_the_checkpoints(tmp_path, tokenizer_path):
+    from tokenizers import Tokenizer
+
+    sha = import_module("01_tokenizer.tokenizer").tokenizer_sha256(tokenizer_path)
+    model = tiny_model(vocab_size=300)
+    weights.save_model(model, tmp_path / "right.safetensors", tokenizer_sha256=sha)
+    loaded, tok, path = weights.load_pair(tmp_path / "right.safetensors", tokenizer_path)
+    assert path == tokenizer_path and tok.get_vocab_size() == Tokenizer.from_file(str(tokenizer_path)).get_vocab_size()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    weights.save_model(tiny_model(), tmp_path / "small.safetensors")  # vocab_size 96 < the tokenizer's 300
+    with pytest.raises(ValueError, match="more than the model's vocab_size 96"):
+        weights.load_pair(tmp_path / "small.safetensors", tokenizer_path)
+    weights.save_model(model, tmp_path / "other.safetensors", tokenizer_sha256="0" * 64)
+    with pytest.raises(ValueError, match="is not the tokenizer .* was trained with") as err:
+        weights.load_pair(tmp_path / "other.safetensors", tokenizer_path)
+    assert "\n" not in str(err.value)
+    _, ckpt = lora_run(tmp_path / "lora", model, tokenizer_sha256="0" * 64)  # adapters: their base's tokenizer
+    with pytest.raises(ValueError, match="is not the tokenizer"):
+        weights.load_pair(ckpt, tokenizer_path)
+
+
+def test_chat_template_is_found_where_lesson_08_writes_it(tmp_path, tokenizer_path):
+    template = import_module("08_sft.template").CHAT_TEMPLATE
+    model = tiny_model(vocab_size=300)
+    assert weights.chat_template(hf.export_hf(model, tokenizer_path, tmp_path / "hf_chat", chat_template=template)) == template
+    assert weights.chat_template(hf.export_hf(model, tokenizer_path, tmp_path / "hf_base")) is None
+    weights.save_model(model, tmp_path / "run" / "ckpt_best" / weights.MODEL_FILE)
+    for path in (tmp_path / "run" / "ckpt_best", tmp_path / "run" / "ckpt_best" / weights.MODEL_FILE):
+        assert weights.chat_template(path) is None  # a base model's run
+    (tmp_path / "run" / "chat_template.jinja").write_text(template)  # what lesson 07's describe_run writes
+    for path in (tmp_path / "run" / "ckpt_best", tmp_path / "run" / "ckpt_best" / weights.MODEL_FILE):
+        assert weights.chat_template(path) == template
 
 
 # ---- int8 weight-only decoding ----
@@ -441,6 +510,9 @@ def test_import_of_the_export_is_the_same_model(exported, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
     with pytest.raises(ValueError, match="hidden_act"):
         hf.import_hf(tmp_path)
+    with pytest.raises(ValueError, match="quantize after load_model"):  # int8 runs, it is not exported
+        hf.export_hf(int8.quantize_int8(copy.deepcopy(model)), out / "tokenizer.json", tmp_path / "int8")
+    assert not (tmp_path / "int8").exists()
 
 
 def test_autotokenizer_from_the_export_gives_the_same_ids(exported, tokenizer_path):

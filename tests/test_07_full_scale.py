@@ -23,7 +23,7 @@ from importlib import import_module
 import pytest
 import torch
 from conftest import assert_close
-from test_07_pretrain_ddp import ROOT, STEPS, T, args, metrics, weights, worker_pid, write_token_files
+from test_07_pretrain_ddp import ROOT, STEPS, T, args, metrics, weights, write_token_files
 
 train = import_module("07_pretrain_ddp.train")
 checkpoint = import_module("07_pretrain_ddp.checkpoint")

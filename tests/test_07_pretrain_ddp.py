@@ -40,13 +40,14 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 ROOT = Path(__file__).resolve().parents[1]
 train = import_module("07_pretrain_ddp.train")
 data = import_module("07_pretrain_ddp.data")
+stage = import_module("07_pretrain_ddp.stage")
 checkpoint = import_module("07_pretrain_ddp.checkpoint")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
 
 VOCAB, T = 64, 32
 TINY = ["--preset", "cpu", "--d_model", "32", "--n_layers", "2", "--q_heads", "4", "--kv_heads", "2", "--max_seq_len", str(T),
         "--multiple_of", "16", "--lr", "1e-2", "--min_lr", "1e-3", "--warmup_steps", "3", "--eval_tokens", "1024",
-        "--log_interval", "1000", "--sample_tokens", "0", "--no-final_eval", "--device", "cpu"]
+        "--log_interval", "1000", "--sample_tokens", "0", "--device", "cpu"]
 STEPS = 40  # long enough for SIGTERM to land mid-run, short enough for CI
 
 
@@ -246,7 +247,7 @@ def count_gradient_allreduces(rank: int, world: int, init_file: str, micro_steps
     torch.manual_seed(0)
     lillm = import_module("06_model.model")
     model = lillm.LilLM(lillm.ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, q_heads=4, kv_heads=2, max_seq_len=T))
-    run = data.Run(True, rank, rank, world, torch.device("cpu"))
+    run = stage.Run(True, rank, rank, world, torch.device("cpu"))
     ddp = train.wrap_ddp(model, run)
     buckets = []  # bucket indices, in the order their all-reduces were launched
     ddp.register_comm_hook(None, lambda state, bucket: buckets.append(bucket.index()) or allreduce_hook(state, bucket))

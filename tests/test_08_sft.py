@@ -27,8 +27,7 @@ tokenizer_lib = import_module("01_tokenizer.tokenizer")
 DataError = import_module("01_tokenizer.corpus").DataError
 template = import_module("08_sft.template")
 lora = import_module("08_sft.lora")
-instructions = import_module("08_sft.instructions")
-chat_data = import_module("08_sft.chat_data")
+data = import_module("08_sft.data")
 sft = import_module("08_sft.sft")
 chat = import_module("08_sft.chat")
 
@@ -182,7 +181,7 @@ def test_only_adapters_get_gradients_and_are_saved(tmp_path):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in base_state.items())  # the base never moved
 
     lora.save_adapters(model, tmp_path / "adapter.safetensors", base="the-base")
-    meta, saved = lora.read_adapters(tmp_path)
+    meta, saved, _ = weights.read_safetensors(tmp_path / "adapter.safetensors", "lillm_lora")
     assert set(saved) == {k for k in model.state_dict() if ".lora_" in k}
     assert meta["rank"] == 4 and meta["targets"] == ["w2", "wq", "wv"]
     fresh = lillm.LilLM(model.config)
@@ -203,13 +202,13 @@ def test_lora_rejects_unknown_targets():
 def test_speeches_parse_speakers_and_drop_stage_directions():
     scene = ("SCENE II. A room.\n\n[Enter King.]\n\nKING CLAUDIUS.\nThough yet of Hamlet,\n[Aside.]\nthe memory be green,\n\n"
              "Ham.\nA little more than kin.\n\nLYSANDER\nHow now, my love!\nWhy is your cheek so pale?\n\n[Exeunt.]\n")
-    assert instructions.speeches(scene) == [
+    assert data.speeches(scene) == [
         ("King Claudius", ["Though yet of Hamlet,", "the memory be green,"]), ("Ham", ["A little more than kin."]),
         ("Lysander", ["How now, my love!", "Why is your cheek so pale?"])]
-    convs = instructions.conversations(scene, random.Random(0))
+    convs = data.conversations(scene, random.Random(0))
     assert len(convs) == 2  # one-line speeches have nothing to continue
     for conv in convs:
-        chat_data.check_conversation(conv["messages"], "generated")
+        data.check_conversation(conv["messages"], "generated")
         assert conv["messages"][-1]["role"] == "assistant"
 
 
@@ -228,37 +227,37 @@ def test_bad_jsonl_is_a_one_line_error_naming_file_and_line(tmp_path, line, prob
     good = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
     path.write_bytes((good + "\n\n" + line + "\n").encode("latin-1"))
     with pytest.raises(DataError, match=problem) as e:
-        chat_data.read_jsonl(path)
+        data.read_jsonl(path)
     assert str(e.value).startswith(f"{path}:3") and "\n" not in str(e.value)
 
 
 def test_missing_or_empty_jsonl_is_a_one_line_error(tmp_path):
     with pytest.raises(DataError, match="no conversation file at .*fix: pass --data"):
-        chat_data.read_jsonl(tmp_path / "missing.jsonl")
+        data.read_jsonl(tmp_path / "missing.jsonl")
     (tmp_path / "empty.jsonl").write_text("\n  \n")
     with pytest.raises(DataError, match="holds no conversation"):
-        chat_data.read_jsonl(tmp_path / "empty.jsonl")
+        data.read_jsonl(tmp_path / "empty.jsonl")
 
 
 def test_hub_path_reads_the_messages_column(tmp_path):
     """The hub reader through `datasets` (its json builder on a local file: the hub is unreachable here)."""
     path = tmp_path / "chats.jsonl"
-    convs = [c["messages"] for c in instructions.conversations(play(20, 0), random.Random(0))]
+    convs = [c["messages"] for c in data.conversations(play(20, 0), random.Random(0))]
     path.write_text("".join(json.dumps({"messages": m, "id": i}) + "\n" for i, m in enumerate(convs)))
-    assert chat_data.hub_conversations("json", data_files=str(path)) == chat_data.read_jsonl(path) == convs
+    assert data.hub_conversations("json", data_files=str(path)) == data.read_jsonl(path) == convs
 
 
 def test_truncation_keeps_whole_turns_and_counts(fmt):
     turns = fmt.encode_turns(CHAT)  # system, user, assistant, user, assistant
     full = 1 + sum(len(ids) for ids, _ in turns)
     first_answer_ends = 1 + sum(len(ids) for ids, _ in turns[:3])
-    ids, mask = chat_data.fit_turns(turns, fmt.bos_id, full - 1)  # one token short: the last exchange goes, whole
+    ids, mask = data.fit_turns(turns, fmt.bos_id, full - 1)  # one token short: the last exchange goes, whole
     assert ids == fmt.encode(CHAT[:3])[0] and mask == fmt.encode(CHAT[:3])[1]
-    assert chat_data.fit_turns(turns, fmt.bos_id, first_answer_ends - 1) is None  # not even one answer fits
-    assert chat_data.fit_turns(turns, fmt.bos_id, full)[0] == fmt.encode(CHAT)[0]
-    _, counts = chat_data.encode_all(fmt, [CHAT, CHAT[:3], CHAT[1:3]], max_len=full - 1)
+    assert data.fit_turns(turns, fmt.bos_id, first_answer_ends - 1) is None  # not even one answer fits
+    assert data.fit_turns(turns, fmt.bos_id, full)[0] == fmt.encode(CHAT)[0]
+    _, counts = data.encode_all(fmt, [CHAT, CHAT[:3], CHAT[1:3]], max_len=full - 1)
     assert counts == {"kept": 2, "truncated": 1, "dropped": 0}
-    _, counts = chat_data.encode_all(fmt, [CHAT, CHAT[:3]], max_len=first_answer_ends - 1)
+    _, counts = data.encode_all(fmt, [CHAT, CHAT[:3]], max_len=first_answer_ends - 1)
     assert counts == {"kept": 0, "truncated": 0, "dropped": 2}
 
 
@@ -266,30 +265,30 @@ def test_truncation_keeps_whole_turns_and_counts(fmt):
 def test_packing_keeps_examples_whole_and_rows_within_max_len(lengths, max_len, seed):
     rng = random.Random(seed)
     examples = [([rng.randrange(3, 50) for _ in range(n)], [rng.random() < 0.5 for _ in range(n)]) for n in lengths]
-    rows = chat_data.pack(examples, max_len)
+    rows = data.pack(examples, max_len)
     assert all(len(ids) <= max_len for ids, _ in rows)
     assert [t for ids, _ in rows for t in ids] == [t for ids, _ in examples for t in ids]  # all, in order, none split
     assert sum(len(r) for r, _ in rows) == sum(lengths) and len(rows) <= len(examples)
-    x, y = chat_data.collate(rows, pad_id=2)  # (B, T)
+    x, y = sft.collate(rows, pad_id=2)  # (B, T)
     for b, (ids, mask) in enumerate(rows):
         n = len(ids) - 1
         assert x[b, :n].tolist() == ids[:-1]
-        assert y[b, :n].tolist() == [t if m else chat_data.IGNORE for t, m in zip(ids[1:], mask[1:])]
-        assert (y[b, n:] == chat_data.IGNORE).all()  # padding never counts
+        assert y[b, :n].tolist() == [t if m else sft.IGNORE for t, m in zip(ids[1:], mask[1:])]
+        assert (y[b, n:] == sft.IGNORE).all()  # padding never counts
 
 
 # ---- an SFT run on the tiny offline set ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def sft_setup(tmp_path_factory, tok_path):
-    """A tiny (untrained) base, and train/val conversations built by instructions.py from generated scenes."""
+    """A tiny (untrained) base, and train/val conversations built by data.py from generated scenes."""
     root = tmp_path_factory.mktemp("sft")
     shutil.copyfile(tok_path, root / "tokenizer.json")
     torch.manual_seed(0)
     weights.save_model(lillm.LilLM(tiny_config()), root / "base.safetensors")
     for name, seeds in (("train", range(10, 22)), ("val", range(2))):
         rng = random.Random(0)
-        convs = [c for s in seeds for c in instructions.conversations(play(40, s), rng)]
+        convs = [c for s in seeds for c in data.conversations(play(40, s), rng)]
         (root / f"{name}.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convs))
     return root
 
@@ -341,11 +340,11 @@ def test_a_stopped_and_resumed_run_equals_an_unbroken_one(sft_setup, unbroken, m
 def test_a_lora_checkpoint_holds_only_the_adapters(sft_setup, unbroken):
     ckpt = sft_setup / "lora_12" / "ckpt_best"
     assert sorted(p.name for p in ckpt.iterdir()) == ["adapter.safetensors", "train_state.pt"]
-    meta, adapters = lora.read_adapters(ckpt)
+    meta, adapters, _ = weights.read_safetensors(ckpt / "adapter.safetensors", "lillm_lora")
     assert meta["rank"] == 4 and meta["targets"] == ["wk", "wo", "wq", "wv"] and all(".lora_" in k for k in adapters)
     # r (d_in + d_out) per adapted layer: wq 64->64, wk and wv 64->32 (2 K/V heads of 16), wo 64->64; 2 blocks
     assert sum(v.numel() for v in adapters.values()) == 2 * 4 * ((64 + 64) + 2 * (64 + 32) + (64 + 64))
-    merged = chat.load_chat_model(ckpt)  # the base recorded in the adapters, with them merged in
+    merged = weights.load_model(ckpt)  # the base recorded in the adapters, with them merged in
     assert not lora.lora_modules(merged) and isinstance(merged, lillm.LilLM)
 
 

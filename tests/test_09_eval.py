@@ -1,4 +1,4 @@
-"""Lesson 09: bits per byte by hand, log-likelihood scoring, the benchmark build, agreement with lm-evaluation-harness, the CLI.
+"""Lesson 09: bits per byte by hand, log-likelihood scoring, the benchmark's data, agreement with lm-evaluation-harness, the CLI.
 
 Run: python -m pytest tests/test_09_eval.py -q
 """
@@ -21,10 +21,10 @@ weights = import_module("06_model.weights")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
 corpus = import_module("01_tokenizer.corpus")
 prepare = import_module("01_tokenizer.prepare")
+train = import_module("07_pretrain_ddp.train")
 template = import_module("08_sft.template")
-bpb = import_module("09_eval.bpb")
 score = import_module("09_eval.score")
-benchmark = import_module("09_eval.benchmark")
+bench_data = import_module("09_eval.data")
 evaluation = import_module("09_eval.eval")
 harness = import_module("09_eval.harness")
 
@@ -81,7 +81,7 @@ def tok(tok_path):
 @pytest.fixture(scope="module")
 def bench_dir(tmp_path_factory, docs):
     out = tmp_path_factory.mktemp("bench")
-    benchmark.build(out, docs=docs, val_fraction=VAL_FRACTION, max_items=60)
+    bench_data.build(out, docs=docs, val_fraction=VAL_FRACTION, max_items=60)
     return out
 
 
@@ -110,17 +110,7 @@ def trained(tmp_path_factory, docs, tok):
 
 # ---- bits per byte -----------------------------------------------------------------------------------------
 
-def test_token_byte_lengths_count_bytes_and_zero_for_special_tokens(tok):
-    lengths = bpb.token_byte_lengths(tok)
-    for token, i in tok.get_vocab().items():
-        expected = 0 if token in tokenizer_lib.SPECIAL_TOKENS else len(tok.decode([i]).encode())
-        if "\ufffd" not in tok.decode([i]):  # a token that ends inside a character: decode cannot count it
-            assert lengths[i] == expected, token
-    ids = tok.encode("Poison, é 日本 sleep</s>").ids  # multi-byte characters split across tokens
-    assert lengths[ids].sum() == len("Poison, é 日本 sleep".encode())
-
-
-def test_bits_per_byte_by_hand_with_special_tokens(tok):
+def test_bits_per_byte_by_hand_with_special_tokens(tok, tok_path, tmp_path):
     torch.manual_seed(0)
     model = lillm.LilLM(tiny_config()).eval()
     text = "The king 12,</s>Sleep and dream.</s><s>"
@@ -130,27 +120,50 @@ def test_bits_per_byte_by_hand_with_special_tokens(tok):
         logp = torch.log_softmax(model(x)[0].double(), -1)[0]  # (n-1, V)
     nats = -sum(logp[t, y[0, t]].item() for t in range(y.shape[1]))  # every target, </s> and <s> included
     n_bytes = len(tok.decode(y[0].tolist(), skip_special_tokens=True).encode())  # specials spell 0 bytes
-    lengths = bpb.token_byte_lengths(tok, model.config.vocab_size)
+    lengths = tokenizer_lib.token_byte_lengths(tok, model.config.vocab_size)
     # By hand: the text's bytes without its specials, less those of the first token (an input, never a target).
     assert n_bytes == len("The king 12,Sleep and dream.".encode()) - lengths[ids[0, 0]].item()
-    assert bpb.bits_per_byte(model, [(x, y)], lengths) == pytest.approx(nats / (math.log(2) * n_bytes), rel=1e-5)
+    # eval.py's bpb of a val.bin holding exactly this text: one window, the same targets.
+    np.asarray(ids[0].tolist(), dtype=np.uint16).tofile(tmp_path / "val.bin")
+    (tmp_path / "meta.json").write_text(json.dumps({"tokenizer_sha256": tokenizer_lib.tokenizer_sha256(tok_path)}))
+    assert evaluation.val_bpb(model, tok, tok_path, tmp_path) == pytest.approx(nats / (math.log(2) * n_bytes), rel=1e-5)
     # A uniform model pays ln V nats for every target, special or not: bpb = n ln V / (ln 2 * bytes).
     uniform = Favours(torch.zeros(model.config.vocab_size))
-    assert bpb.bits_per_byte(uniform, [(x, y)], lengths) == pytest.approx(y.numel() * math.log(400) / (math.log(2) * n_bytes))
+    assert evaluation.val_bpb(uniform, tok, tok_path, tmp_path) == pytest.approx(y.numel() * math.log(400) / (math.log(2) * n_bytes))
     # Sums, then one division: two batches add up (nats, bytes, target tokens), and a masked target counts nothing.
     masked = y.clone()
-    masked[0, 0] = bpb.IGNORE
-    sums = bpb.loss_sums(model, [(x, y), (x, masked)], lengths)
+    masked[0, 0] = train.IGNORE
+    sums = train.loss_sums(model, [(x, y), (x, masked)], lengths)
     first = lengths[y[0, 0]].item()
     assert sums.tolist() == pytest.approx([2 * nats + logp[0, y[0, 0]].item(), 2 * n_bytes - first, 2 * y.numel() - 1])
+
+
+def test_bits_per_byte_on_a_hand_sized_tokenizer():
+    """notes.md §1's smallest example: 256 byte tokens + "Ġthe" + </s>; " the", one byte of é, </s> are 4 + 1 + 0
+    bytes, and a uniform model over the 258 tokens pays ln 258 nats for each of the 3 targets."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    bpe = import_module("01_tokenizer.bpe")
+    vocab = {c: i for i, c in enumerate(bpe.BYTE_TO_CHAR.values())} | {"Ġthe": 256}
+    hand = Tokenizer(models.BPE(vocab, merges=[]))
+    hand.pre_tokenizer, hand.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    hand.add_special_tokens(["</s>"])
+    lengths = tokenizer_lib.token_byte_lengths(hand)
+    the, e_acute, eos = 256, vocab[bpe.to_byte_chars("é")[0]], 257  # "é" is two bytes, 0xC3 0xA9
+    assert (lengths[the], lengths[e_acute], lengths[eos]) == (4, 1, 0)
+    y = torch.tensor([[the, e_acute, eos]])
+    nats, n_bytes, tokens = train.loss_sums(Favours(torch.zeros(len(lengths))), [(torch.zeros_like(y), y)], lengths).tolist()
+    assert (n_bytes, tokens) == (5, 3)
+    bpb = nats / (math.log(2) * n_bytes)
+    assert bpb == pytest.approx(3 * math.log(258) / (math.log(2) * 5)) and round(bpb, 3) == 4.807
 
 
 def test_token_file_batches_make_every_token_a_target_once(tmp_path, tok):
     ids = tok.encode(" ".join(plays(1, 2)[1:])).ids + [tokenizer_lib.EOT_ID]
     path = tmp_path / "val.bin"
     np.asarray(ids, dtype=np.uint16).tofile(path)
-    batches = list(bpb.token_file_batches(path, seq_len=16, batch_size=3))
-    targets = [t for _, y in batches for t in y.flatten().tolist() if t != bpb.IGNORE]
+    batches = list(evaluation.token_file_batches(path, seq_len=16, batch_size=3))
+    targets = [t for _, y in batches for t in y.flatten().tolist() if t != train.IGNORE]
     assert targets == ids[1:]
 
 
@@ -211,7 +224,7 @@ def test_batching_and_prefix_sharing_change_no_score(seed, n_groups, batch_size)
 
 def test_greedy_exact_match_is_the_harness_is_greedy_test(trained, tok, bench_dir):
     model, _ = trained
-    items = benchmark.load_task(bench_dir / "last_word.jsonl")
+    items = bench_data.load_task(bench_dir / "last_word.jsonl")
     requests = [evaluation.exact_request(it, tok) for it in items]
     greedy = [g for _, g in score.loglikelihoods(model, requests)]
     assert score.greedy_matches(model, *map(list, zip(*requests))) == greedy
@@ -220,31 +233,31 @@ def test_greedy_exact_match_is_the_harness_is_greedy_test(trained, tok, bench_di
 # ---- the benchmark -------------------------------------------------------------------------------------------
 
 def test_benchmark_build_is_deterministic_and_only_from_validation_scenes(tmp_path, docs, bench_dir):
-    meta = benchmark.build(tmp_path, docs=docs, val_fraction=VAL_FRACTION, max_items=60)
+    meta = bench_data.build(tmp_path, docs=docs, val_fraction=VAL_FRACTION, max_items=60)
     for task, info in meta["tasks"].items():
         assert (tmp_path / f"{task}.jsonl").read_bytes() == (bench_dir / f"{task}.jsonl").read_bytes()
         assert info["items"] > 20
     # Every line of the fake corpus starts with its own number: the numbers an item shows name the lines it drew.
     val = {n for d in docs if prepare.is_val(d, VAL_FRACTION) for n in re.findall(r"Line (\d+) ", d)}
-    for task in benchmark.TASKS:
-        for item in benchmark.load_task(tmp_path / f"{task}.jsonl"):
+    for task in bench_data.TASKS:
+        for item in bench_data.load_task(tmp_path / f"{task}.jsonl"):
             shown = re.findall(r"Line (\d+) ", item["context"] + "".join(item.get("choices", [])))
             assert shown and set(shown) <= val, item["id"]
 
 
 def test_default_corpus_gives_500_items_per_task_from_validation_scenes(tmp_path):
     """On the real corpus (downloaded once into data/cache, as lesson 01's tests do)."""
-    meta = benchmark.build(tmp_path, cache_dir=ROOT / corpus.DEFAULT_CACHE_DIR)
+    meta = bench_data.build(tmp_path, cache_dir=ROOT / corpus.DEFAULT_CACHE_DIR)
     assert all(info["items"] >= 500 for info in meta["tasks"].values()), meta["tasks"]
     val = [d for d in corpus.documents("shakespeare", ROOT / corpus.DEFAULT_CACHE_DIR) if prepare.is_val(d, 0.05)]
     val_lines = {line.strip() for d in val for line in d.splitlines()}
-    for item in benchmark.load_task(tmp_path / "next_line.jsonl"):
+    for item in bench_data.load_task(tmp_path / "next_line.jsonl"):
         assert all(c in val_lines for c in item["choices"])
 
 
 def test_chat_form_uses_the_template_and_scores_the_answer_with_its_end_of_turn(tok, bench_dir):
     fmt = template.ChatFormat(tok)
-    item = benchmark.load_task(bench_dir / "speaker.jsonl")[0]
+    item = bench_data.load_task(bench_dir / "speaker.jsonl")[0]
     (prompt, answer), *_ = evaluation.requests_of(item, tok, fmt)[0]
     assert prompt == fmt.encode(item["chat"]["messages"], add_generation_prompt=True)[0]
     assert answer == tok.encode(item["chat"]["choices"][0]).ids + [fmt.eot_id]
@@ -258,8 +271,8 @@ def test_lilLM_scorer_and_lm_eval_pick_the_same_choice_on_every_item(trained, to
     hf_dir = harness.export(ckpt, tok_path, tmp_path / "hf")
     assert json.loads((hf_dir / "tokenizer_config.json").read_text())["pad_token"] == "</s>"
     results = harness.run(hf_dir, bench_dir=bench_dir, batch_size=8)
-    for name, spec in benchmark.TASKS.items():
-        items = benchmark.load_task(bench_dir / f"{name}.jsonl")
+    for name, spec in bench_data.TASKS.items():
+        items = bench_data.load_task(bench_dir / f"{name}.jsonl")
         theirs = sorted(results["samples"][f"lillm_{name}"], key=lambda s: s["doc_id"])
         assert len(theirs) == len(items)
         ours = evaluation.evaluate_task(model, tok, items, spec["kind"])
@@ -291,11 +304,19 @@ def test_eval_command_prints_the_table_and_writes_eval_json(trained, tok, tok_pa
     report = evaluation.main(["--checkpoint", str(ckpt), "--tokenizer", str(tok_path), "--bench_dir", str(bench_dir),
                               "--data_dir", str(tmp_path), "--form", "base"])
     out = capsys.readouterr().out
-    assert "task" in out and "centered" in out and all(name in out for name in benchmark.TASKS)
+    assert "task" in out and "centered" in out and all(name in out for name in bench_data.TASKS)
     assert 0 < report["val_bpb"] < math.log2(400) and "bits per byte" in out
     saved = json.loads((ckpt / "eval.json").read_text())
     assert saved["tasks"]["speaker"]["accuracy"] == report["tasks"]["speaker"]["accuracy"]
     assert saved["benchmark"]["tasks"]["speaker"]["sha256"]
+    # A checkpoint whose run carries a chat template (lesson 08 writes chat_template.jinja) is read in chat form.
+    sft = tmp_path / "sft" / "ckpt_best"
+    sft.mkdir(parents=True)
+    (sft / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes())
+    (sft.parent / "chat_template.jinja").write_text(template.CHAT_TEMPLATE)
+    chat = evaluation.main(["--checkpoint", str(sft), "--tokenizer", str(tok_path), "--bench_dir", str(bench_dir),
+                            "--data_dir", str(tmp_path), "--tasks", "speaker", "--limit", "4"])
+    assert chat["form"] == "chat" and chat["val_bpb"] is None and chat["tasks"]["speaker"]["metric"] == "acc_token"
 
 
 def one_line_error(capsys, main, argv, last_line: bool = False) -> str:

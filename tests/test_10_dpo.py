@@ -4,8 +4,8 @@ What is proved: with policy == reference the loss is ln 2 and every reward 0; th
 -log sigmoid(beta (log-ratio chosen - log-ratio rejected)) on drawn log-probs; TRL's DPOTrainer gives the
 same loss, rewards, accuracy and margin on the same weights and pairs (and the same ids and answer mask);
 one step raises the margin; prompt tokens get no gradient; the reference never changes (with LoRA,
-adapters off == the SFT model, bit for bit); 2 torchrun processes == 1; a stopped and resumed run == an
-unbroken one; bad pairs and a mismatched tokenizer are one-line errors.
+the SFT weights stay bit for bit); 2 torchrun processes == 1; a stopped and resumed run == an unbroken one;
+LoRA adapters are a valid --base (loaded merged); bad pairs and a mismatched tokenizer are one-line errors.
 
 The tokenizer, the scenes (each speaker with words of their own, so who speaks is learnable) and the
 SFT model (08's sft.py for a few steps on a tiny base) are made here.
@@ -37,13 +37,12 @@ hf = import_module("06_model.hf")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
 DataError = import_module("01_tokenizer.corpus").DataError
 train = import_module("07_pretrain_ddp.train")
-data = import_module("07_pretrain_ddp.data")
+stage = import_module("07_pretrain_ddp.stage")
 template = import_module("08_sft.template")
 lora = import_module("08_sft.lora")
-instructions = import_module("08_sft.instructions")
+sft_data = import_module("08_sft.data")
 sft = import_module("08_sft.sft")
-chat = import_module("08_sft.chat")
-preferences = import_module("10_dpo.preferences")
+dpo_data = import_module("10_dpo.data")
 dpo = import_module("10_dpo.dpo")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,14 +73,14 @@ def root(tmp_path_factory):
     torch.manual_seed(0)
     weights.save_model(lillm.LilLM(tiny_config()), root / "base.safetensors")
     rng = random.Random(0)
-    convs = [c for s in range(10, 16) for c in instructions.conversations(scene(30, s), rng)]
+    convs = [c for s in range(10, 16) for c in sft_data.conversations(scene(30, s), rng)]
     (root / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convs))
     sft.main(["--base", str(root / "base.safetensors"), "--tokenizer", str(root / "tokenizer.json"), "--data", str(root / "chats.jsonl"),
               "--out_dir", str(root / "sft"), "--max_steps", "12", "--warmup_steps", "2", "--lr", "3e-3", "--batch_size", "4",
               "--eval_interval", "12", "--eval_prompts", "1", "--answer_tokens", "4", "--device", "cpu"])
     shutil.copyfile(root / "tokenizer.json", root / "sft" / "ckpt_best" / "tokenizer.json")
     for name, seeds in (("train", range(20, 32)), ("val", range(2))):
-        rows = [r for s in seeds for r in preferences.scene_pairs(scene(30, s), random.Random(s))]
+        rows = [r for s in seeds for r in dpo_data.scene_pairs(scene(30, s), random.Random(s))]
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
 
@@ -99,8 +98,8 @@ def fmt(root):
 @pytest.fixture(scope="module")
 def pairs(root, fmt):
     """Eight encoded training pairs and the pairs themselves."""
-    kept = preferences.read_jsonl(root / "train.jsonl")[:8]
-    encoded, kept = preferences.encode_pairs(fmt, kept, 96)
+    kept = dpo_data.read_jsonl(root / "train.jsonl")[:8]
+    encoded, kept = dpo_data.encode_pairs(fmt, kept, 96)
     return encoded, kept
 
 
@@ -110,7 +109,7 @@ def sft_model(root):
 
 def batch_of(model, encoded, fmt):
     """(inputs, targets, reference log-probs) with `model` as the reference, as dpo.py caches them."""
-    x, y = preferences.collate(encoded, fmt.eot_id)
+    x, y = dpo_data.collate(encoded, fmt.eot_id)
     with torch.no_grad():
         return x, y, dpo.sequence_logps(model.eval(), x, y)
 
@@ -168,12 +167,12 @@ def test_the_loss_and_rewards_equal_trls_dpo_trainer(root, fmt, tmp_path):
     trl_loss = trainer.compute_loss(trainer.model, batch).item()
     logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}  # what TRL logs for this batch
 
-    encoded, kept = preferences.encode_pairs(fmt, [preferences.check_pair(r, "val") for r in rows], 96)
+    encoded, kept = dpo_data.encode_pairs(fmt, [dpo_data.check_pair(r, "val") for r in rows], 96)
     ours = sorted(tuple(ids) + (-1,) + tuple(mask) for rows_ in encoded for ids, mask in rows_)
     theirs = sorted(tuple(ids[m.bool()].tolist()) + (-1,) + tuple(c[m.bool()].bool().tolist())
                     for ids, m, c in zip(batch["input_ids"], batch["attention_mask"], batch["completion_mask"]))
     assert ours == theirs  # the same ids, and the same trained positions (answer + </s>)
-    x, y = preferences.collate(encoded, fmt.eot_id)
+    x, y = dpo_data.collate(encoded, fmt.eot_id)
     with torch.no_grad():
         ref = dpo.sequence_logps(reference.eval(), x, y)
         loss, figures = dpo.DPOObjective(beta).loss_sum(policy.eval(), (x, y, ref))
@@ -203,7 +202,7 @@ class LogitSpy(torch.nn.Module):
 def test_one_step_raises_the_margin_and_prompt_tokens_get_no_gradient(root, fmt, pairs):
     model = sft_model(root).train()
     batch = batch_of(model, pairs[0], fmt)
-    objective, run = dpo.DPOObjective(beta=0.1), data.Run(False, 0, 0, 1, torch.device("cpu"))
+    objective, run = dpo.DPOObjective(beta=0.1), stage.Run(False, 0, 0, 1, torch.device("cpu"))
     spy = LogitSpy(model)
     loss, _ = objective.loss_sum(spy, batch)
     loss.backward()
@@ -218,12 +217,13 @@ def test_one_step_raises_the_margin_and_prompt_tokens_get_no_gradient(root, fmt,
     assert after["rewards/margins"] > 0 and after["rewards/accuracies"] > len(pairs[0]) / 2, after
 
 
-def test_the_reference_never_changes_and_lora_off_is_the_reference(root, fmt, pairs):
-    """Full fine-tuning trains the very model that computed the cached reference; the SFT checkpoint is
-    untouched. With LoRA the base weights stay bit for bit, and adapters_off gives the SFT log-probs exactly."""
+def test_the_reference_never_changes(root, fmt, pairs):
+    """Full fine-tuning trains the very model that computed the cached reference; the SFT checkpoint is untouched,
+    and a fresh load of it (the closing KL's reference) gives the cached log-probs exactly. With LoRA the base weights
+    stay bit for bit, and the policy merged (as the closing figures load it) gives the trained policy's log-probs."""
     path = root / "sft" / "ckpt_best" / "model.safetensors"
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    run = data.Run(False, 0, 0, 1, torch.device("cpu"))
+    run = stage.Run(False, 0, 0, 1, torch.device("cpu"))
     for use_lora in (False, True):
         model = sft_model(root)
         batch = batch_of(model, pairs[0], fmt)
@@ -238,9 +238,7 @@ def test_the_reference_never_changes_and_lora_off_is_the_reference(root, fmt, pa
             if use_lora:
                 sft_state = sft_model(root).state_dict()
                 assert all(torch.equal(v, sft_state[k]) for k, v in model.state_dict().items() if ".lora_" not in k)
-                with dpo.adapters_off(model):
-                    assert torch.equal(dpo.sequence_logps(model, batch[0], batch[1]), batch[2])
-                assert torch.equal(dpo.sequence_logps(model, batch[0], batch[1]), moved)  # the adapters are back on
+                assert_close(dpo.sequence_logps(lora.merge_lora(model), batch[0], batch[1]), moved, atol=1e-4, rtol=1e-5)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
     assert torch.equal(batch_of(sft_model(root), pairs[0], fmt)[2], batch[2])  # recomputed: the cache is the reference
 
@@ -259,7 +257,7 @@ GOOD = [
 
 @pytest.mark.parametrize("row", GOOD)
 def test_trl_formats_give_the_same_pair(row):
-    assert preferences.check_pair(row, "x") == preferences.Pair(USER, "Hamlet", "Ophelia", "")
+    assert dpo_data.check_pair(row, "x") == dpo_data.Pair(USER, "Hamlet", "Ophelia", "")
 
 
 @pytest.mark.parametrize("row, problem", [
@@ -275,16 +273,16 @@ def test_trl_formats_give_the_same_pair(row):
 ])
 def test_bad_pairs_are_refused_with_the_reason(row, problem):
     with pytest.raises(DataError, match=problem) as e:
-        preferences.check_pair(row, "pairs.jsonl:3")
+        dpo_data.check_pair(row, "pairs.jsonl:3")
     assert str(e.value).startswith("pairs.jsonl:3: ") and "\n" not in str(e.value)
 
 
 def test_offline_pairs_have_a_checkable_better_answer():
     doc = scene(30, 0)
-    speeches = instructions.speeches(doc)
-    rows = preferences.scene_pairs(doc, random.Random(0))
+    speeches = sft_data.speeches(doc)
+    rows = dpo_data.scene_pairs(doc, random.Random(0))
     names, lines = {n for n, _ in speeches}, {ln for _, ls in speeches for ln in ls}
-    for row in map(lambda r: preferences.check_pair(r, "scene"), rows):
+    for row in map(lambda r: dpo_data.check_pair(r, "scene"), rows):
         assert row.kind in ("speaker", "continue") and row.chosen != row.rejected
         first = row.prompt[0]["content"].split("\n", 1)[1]
         speech = next(ls for n, ls in speeches if ls[0] == first)
@@ -296,13 +294,13 @@ def test_offline_pairs_have_a_checkable_better_answer():
 
 def test_hub_path_reads_trl_columns(root):
     """The hub reader through `datasets` (its json builder on a local file: the hub is unreachable here)."""
-    assert preferences.hub_pairs("json", data_files=str(root / "val.jsonl")) == preferences.read_jsonl(root / "val.jsonl")
+    assert dpo_data.hub_pairs("json", data_files=str(root / "val.jsonl")) == dpo_data.read_jsonl(root / "val.jsonl")
 
 
 def test_sampled_rejections_are_the_models_wrong_answers(root, fmt):
     model = sft_model(root).eval()
-    pairs = preferences.read_jsonl(root / "val.jsonl")[:6]
-    sampled, counts = preferences.sample_rejections(model, fmt, pairs, samples=2, max_new_tokens=8, seed=0)
+    pairs = dpo_data.read_jsonl(root / "val.jsonl")[:6]
+    sampled, counts = dpo_data.sample_rejections(model, fmt, pairs, samples=2, max_new_tokens=8, seed=0)
     assert counts["kept"] + counts["always_right"] == 6 and len(sampled) == counts["kept"] > 0
     for p in sampled:
         original = next(q for q in pairs if q.prompt == p.prompt and q.chosen == p.chosen)
@@ -339,10 +337,11 @@ def test_a_run_starts_at_ln2_learns_the_pairs_and_writes_08s_checkpoint_format(r
         assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(log[1])
         after = unbroken[mode]["after"]
         assert after["rewards/margins"] > 0 and after["rewards/accuracies"] > 0.5 and after["kl"] > 0, (mode, after)
-        model = chat.load_chat_model(root / f"{mode}_8" / "ckpt_best")  # what 08's chat and 09's eval load
+        model = weights.load_model(root / f"{mode}_8" / "ckpt_best")  # what 08's chat and 09's eval load
         assert isinstance(model, lillm.LilLM) and not lora.lora_modules(model)
     assert sorted(p.name for p in (root / "lora_8" / "ckpt_best").iterdir()) == ["adapter.safetensors", "train_state.pt"]
-    assert lora.read_adapters(root / "lora_8" / "ckpt_best")[0]["base"] == str(root / "sft" / "ckpt_best")
+    meta = weights.read_safetensors(root / "lora_8" / "ckpt_best" / weights.ADAPTER_FILE, "lillm_lora", tensors=False)[0]
+    assert meta["base"] == str(root / "sft" / "ckpt_best")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -353,6 +352,17 @@ def test_a_stopped_and_resumed_run_equals_an_unbroken_one(root, unbroken, mode):
     logs = [[{k: r.get(k) for k in keys} for r in records(root / d)] for d in (f"{mode}_8", f"{mode}_stopped")]
     assert logs[0] == logs[1]  # float32 on CPU, one process: the same numbers, stopped or not
     assert resumed["after"] == unbroken[mode]["after"]
+
+
+def test_lora_adapters_are_a_base_loaded_merged(root, unbroken):
+    """DPO from LoRA adapters (here the LoRA run's own, on the SFT model): the reference is the merged model as
+    loaded (step 0 at ln 2 exactly), and the new run's checkpoint loads through both sets of adapters."""
+    base = root / "lora_8" / "ckpt_best"
+    run_dpo(root, "from_lora", "--base", str(base), "--tokenizer", str(root / "tokenizer.json"), "--max_steps", "2",
+            "--eval_interval", "2", "--lr", "3e-4")
+    assert records(root / "from_lora")[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    merged, trained = weights.load_model(base), weights.load_model(root / "from_lora" / "ckpt_best")
+    assert any(not torch.equal(v, merged.state_dict()[k]) for k, v in trained.state_dict().items())
 
 
 @pytest.mark.slow

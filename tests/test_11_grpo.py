@@ -28,16 +28,18 @@ weights = import_module("06_model.weights")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
 train = import_module("07_pretrain_ddp.train")
 data = import_module("07_pretrain_ddp.data")
+stage = import_module("07_pretrain_ddp.stage")
 template = import_module("08_sft.template")
-chat_data = import_module("08_sft.chat_data")
-tasks = import_module("11_grpo.tasks")
-evaluate = import_module("11_grpo.evaluate")
+sft = import_module("08_sft.sft")
+sft_data = import_module("08_sft.data")
+task = import_module("11_grpo.data")
+evaluation = import_module("11_grpo.eval")
 grpo = import_module("11_grpo.grpo")
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["HAMLET.", "HORATIO.", "OPHELIA.", "KING CLAUDIUS.", "LAERTES.", "Ber."]
 WORDS = "the king ghost night watch castle sword crown poison grave friend mother sleep dream death love".split()
-IGNORE = chat_data.IGNORE
+IGNORE = train.IGNORE
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
@@ -122,7 +124,7 @@ def test_at_the_first_step_on_a_rollout_the_loss_is_the_plain_policy_gradient(no
     objective = grpo.ClippedObjective(eps=0.2, beta=0.0, norm=norm, temperature=1.0)
     loss, figures = objective.loss_sum(model, batch)
     (grad,) = torch.autograd.grad(loss / objective.count(batch), logits)
-    logp = grpo.completion_logprobs(model, batch[0], batch[1], 1.0)
+    logp = sft.target_logps(model, batch[0], batch[1], 1.0)
     mask = (batch[1] != IGNORE).double()
     per_row = mask.sum(1, keepdim=True) if norm == "sequence" else 1.0
     plain = -(batch[2][:, None] * logp * mask / per_row).sum() / objective.count(batch)
@@ -208,7 +210,7 @@ def test_loss_and_gradient_equal_trls_grpo_trainer(norm, loss_type, beta):
     logits, model = fake_policy(5, 8)
     inputs, targets, advantages, _, ref = fake_batch(5, 8, seed=1)
     mask = (targets != IGNORE).double()
-    logp = grpo.completion_logprobs(model, inputs, targets, 1.0)
+    logp = sft.target_logps(model, inputs, targets, 1.0)
     old = logp.detach() + 0.3 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     objective = grpo.ClippedObjective(0.2, beta, norm, 1.0)
     batch = (inputs, targets, advantages, old, ref)
@@ -237,43 +239,43 @@ def test_loss_and_gradient_equal_trls_grpo_trainer(norm, loss_type, beta):
     ("STRASSE", ["Straße"], 1.0),
 ])
 def test_reward_is_exact_up_to_case_and_punctuation(said, answers, expected):
-    assert tasks.reward(said, answers) == expected
+    assert task.reward(said, answers) == expected
 
 
 @given(answer=st.text(min_size=1, max_size=12), cut=st.integers(0, 11))
 def test_a_strict_prefix_of_an_answer_never_earns_the_reward(answer, cut):
     """Whatever the script: cutting off a letter or digit of the answer costs the reward, and the whole answer earns it."""
-    if tasks.normalize(answer):
-        assert tasks.reward(answer, [answer]) == 1.0
+    if task.normalize(answer):
+        assert task.reward(answer, [answer]) == 1.0
     dropped = answer[cut:]
     if cut < len(answer) and any(unicodedata.category(c)[0] in "LN" for c in dropped):
-        assert tasks.reward(answer[:cut], [answer]) == 0.0
+        assert task.reward(answer[:cut], [answer]) == 0.0
 
 
 def test_answer_text_drops_the_closing_turn_token_only(fmt):
     ids = fmt.tokenizer.encode("Hamlet", add_special_tokens=False).ids
-    assert evaluate.answer_text(fmt, ids + [fmt.eot_id]) == evaluate.answer_text(fmt, ids) == "Hamlet"
-    opened = evaluate.answer_text(fmt, ids + [fmt.role_id["user"]])
-    assert opened == "Hamlet<r1>" and tasks.reward(opened, ["Hamlet"]) == 0.0  # not a clean answer
+    assert evaluation.answer_text(fmt, ids + [fmt.eot_id]) == evaluation.answer_text(fmt, ids) == "Hamlet"
+    opened = evaluation.answer_text(fmt, ids + [fmt.role_id["user"]])
+    assert opened == "Hamlet<r1>" and task.reward(opened, ["Hamlet"]) == 0.0  # not a clean answer
 
 
 def test_the_task_has_both_forms_of_the_same_items_split_by_scene(tmp_path):
     docs = plays(n_plays=2, n_scenes=10)
-    counts = tasks.build(tmp_path, docs=docs, val_fraction=0.4)
+    counts = task.build(tmp_path, docs=docs, val_fraction=0.4)
     assert counts["train"] > 20 and counts["val"] > 5
     for split in ("train", "val"):
-        opened, choice = (tasks.read_prompts(tmp_path / f"{form}_{split}.jsonl") for form in ("open", "choice"))
+        opened, choice = (task.read_prompts(tmp_path / form / f"{split}.jsonl") for form in ("open", "choice"))
         assert len(opened) == len(choice) == counts[split]
         for o, c in zip(opened, choice):
             assert o["answers"] == c["answers"] and len(o["answers"]) == 1
             names = c["messages"][0]["content"].split("\n")[0].removeprefix("Who says this? ").rstrip("?").replace(" or ", ", ").split(", ")
             assert len(set(names)) == 4 and o["answers"][0] in names  # four characters, one right
             assert o["messages"][0]["content"] == "Who says this?\n" + c["messages"][0]["content"].split("\n", 1)[1]
-    assert tasks.write_sft(tmp_path / "sft.jsonl", tmp_path / "choice_train.jsonl", 10) == 10  # lesson 08's format
-    sft = chat_data.read_jsonl(tmp_path / "sft.jsonl")
-    train_items = tasks.read_prompts(tmp_path / "choice_train.jsonl")
-    assert all({"messages": m[:1], "answers": [m[1]["content"]]} in train_items for m in sft)
-    val_lines = {item["messages"][0]["content"].split("\n", 1)[1] for item in tasks.read_prompts(tmp_path / "open_val.jsonl")}
+    assert task.write_sft(tmp_path / "sft.jsonl", tmp_path / "choice" / "train.jsonl", 10) == 10  # lesson 08's format
+    convs = sft_data.read_jsonl(tmp_path / "sft.jsonl")
+    train_items = task.read_prompts(tmp_path / "choice" / "train.jsonl")
+    assert all({"messages": m[:1], "answers": [m[1]["content"]]} in train_items for m in convs)
+    val_lines = {item["messages"][0]["content"].split("\n", 1)[1] for item in task.read_prompts(tmp_path / "open" / "val.jsonl")}
     val_scenes = [d for d in docs if d.startswith("SCENE") and import_module("01_tokenizer.prepare").is_val(d, 0.4)]
     assert all(any(line in scene for scene in val_scenes) for line in val_lines)  # held-out scenes only
 
@@ -293,8 +295,8 @@ def test_the_task_has_both_forms_of_the_same_items_split_by_scene(tmp_path):
 def test_bad_prompt_files_are_one_line_errors_naming_file_and_line(tmp_path, line, problem):
     path = tmp_path / "prompts.jsonl"
     path.write_text('{"prompt": "Who says this?\\nHo!", "answer": ["Bernardo", "Ber"]}\n\n' + line + "\n")
-    with pytest.raises(tasks.DataError, match=problem) as e:
-        tasks.read_prompts(path)
+    with pytest.raises(task.DataError, match=problem) as e:
+        task.read_prompts(path)
     assert str(e.value).startswith(f"{path}:3") and "\n" not in str(e.value)
 
 
@@ -304,7 +306,7 @@ def test_bad_prompt_files_are_one_line_errors_naming_file_and_line(tmp_path, lin
 def test_pass_at_k_is_the_chance_that_k_of_the_n_samples_hold_a_correct_one(n, c, k):
     samples = [True] * c + [False] * (n - c)
     subsets = list(itertools.combinations(samples, k))
-    assert evaluate.pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
+    assert evaluation.pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
 
 
 def test_a_prompts_samples_do_not_depend_on_how_the_chunks_are_shared(fmt):
@@ -312,8 +314,8 @@ def test_a_prompts_samples_do_not_depend_on_how_the_chunks_are_shared(fmt):
     model = lillm.LilLM(tiny_config(max_batch_size=8))
     prompts = [fmt.encode([{"role": "user", "content": f"Who says this? {w}"}], add_generation_prompt=True)[0] for w in WORDS[:7]]
     args = (prompts, 4, 5, 1.0, 0, fmt.eot_id, 7, 1)  # n 4, 5 new tokens, temperature 1: 2 prompts per chunk
-    alone = evaluate.sample(model, *args)
-    shared = [evaluate.sample(model, *args, chunks=set(range(r, 4, 2))) for r in range(2)]  # two "ranks"
+    alone = evaluation.sample(model, *args)
+    shared = [evaluation.sample(model, *args, chunks=set(range(r, 4, 2))) for r in range(2)]  # two "ranks"
     assert [a if a is not None else b for a, b in zip(*shared)] == alone
     assert len({tuple(map(tuple, s)) for s in alone}) > 1  # the samples do differ between prompts
 
@@ -327,7 +329,7 @@ def grpo_setup(tmp_path_factory, tok_path, fmt):
     shutil.copyfile(tok_path, root / "tokenizer.json")
     torch.manual_seed(0)
     weights.save_model(lillm.LilLM(tiny_config()), root / "base.safetensors")
-    tasks.build(root / "task", docs=plays(n_plays=2, n_scenes=10), val_fraction=0.4)
+    task.build(root / "task", docs=plays(n_plays=2, n_scenes=10), val_fraction=0.4)
     # Reward 1 for any of 16 words in a one-token answer: the random base earns it a few times in a hundred.
     rng = random.Random(0)
     for name, n in (("words", 64), ("words_val", 16)):
@@ -363,13 +365,13 @@ def test_grpo_raises_the_reward_on_a_task_the_base_sometimes_solves(grpo_setup, 
     assert "zero-signal groups" in out and "paired difference" in out
 
 
-def test_step_zero_validation_equals_the_evaluate_command(grpo_setup, fmt):
+def test_step_zero_validation_equals_the_eval_command(grpo_setup, fmt):
     run_grpo(grpo_setup, "val0", "--max_steps", "2", "--eval_interval", "2")
     first = records(grpo_setup / "val0")[0]
     model = weights.load_model(grpo_setup / "base.safetensors").eval()
-    items = evaluate.eval_items(grpo_setup / "task" / "choice_val.jsonl", 8)
-    table = evaluate.score(model, fmt, items, 4, 4, 1.0, 0, 1337)
-    figures = evaluate.summarize(table, 4, (1, 4))
+    items = task.spread(task.read_prompts(grpo_setup / "task" / "choice" / "val.jsonl"), 8)
+    table = evaluation.score(model, fmt, items, 4, 4, 1.0, 0, 1337)
+    figures = evaluation.summarize(table, 4, (1, 4))
     assert first["val_pass@1"] == figures["pass@1"][0] and first["val_greedy"] == figures["greedy"][0]
 
 
@@ -405,11 +407,11 @@ def ddp_step_weights(world: int, rank: int, norm: str, micro: int) -> dict:
     cuts = np.array_split(np.array(share), micro)
     batches = []
     for cut in cuts:
-        inputs, targets = chat_data.collate([rows[i] for i in cut], pad_id=2)
+        inputs, targets = sft.collate([rows[i] for i in cut], pad_id=2)
         with torch.no_grad():
-            ref = grpo.completion_logprobs(model, inputs, targets, 1.0) - 0.1
+            ref = sft.target_logps(model, inputs, targets, 1.0) - 0.1
         batches.append((inputs, targets, advantages[cut], None, ref))
-    run = data.Run(world > 1, rank, rank, world, torch.device("cpu"))
+    run = stage.Run(world > 1, rank, rank, world, torch.device("cpu"))
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     objective = grpo.ClippedObjective(0.2, 0.1, norm, 1.0)
     train.train_step(model, train.wrap_ddp(model, run), optimizer, batches, run, 0.0, torch.autocast("cpu", enabled=False), objective)
@@ -429,7 +431,7 @@ def test_two_processes_take_the_step_of_one(tmp_path):
     script = tmp_path / "ddp_step.py"
     script.write_text(
         f"import os, sys, torch\nsys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\nimport test_11_grpo as t\n"
-        "data = t.data\nwith data.distributed('cpu') as run:\n"
+        "stage = t.stage\nwith stage.distributed('cpu') as run:\n"
         "    for norm in ('token', 'sequence'):\n"
         "        w = t.ddp_step_weights(run.world, run.rank, norm, 2)\n"
         f"        if run.master: torch.save(w, {str(tmp_path)!r} + f'/{{norm}}.pt')\n")

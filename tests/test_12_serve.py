@@ -1,8 +1,8 @@
 """Lesson 12: continuous batching against lesson 06's generate, the server against the official openai client,
 bad requests, and the chat page in a real browser (headless Chromium, driven by selenium).
 
-References: lesson 06's generate on each prompt alone (greedy, and seeded sampling), lesson 03's apply_rope,
-the openai Python client, Chromium.
+References: lesson 06's generate on each prompt alone (greedy, and seeded sampling), the openai Python client,
+Chromium. (decode_rows' per-row RoPE is lesson 03's apply_rope; tests/test_03_rope.py checks its (B,) positions.)
 
 Run: python -m pytest tests/test_12_serve.py -x -q
 """
@@ -30,7 +30,6 @@ lillm = import_module("06_model.model")
 generate = import_module("06_model.generate")
 weights = import_module("06_model.weights")
 hf = import_module("06_model.hf")
-rope = import_module("03_rope.rope")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
 template = import_module("08_sft.template")
 batching = import_module("12_serve.batching")
@@ -81,17 +80,6 @@ def alone(model, ids, max_new, **sampling):
 
 
 # ---- the engine ----------------------------------------------------------------------------------------
-
-@given(B=st.integers(1, 4), T=st.integers(1, 20), seed=st.integers(0, 2**16))
-def test_rope_rows_is_lesson_03_rope_at_each_rows_position(B, T, seed):
-    g = torch.Generator().manual_seed(seed)
-    table = rope.precompute_rope(16, 32)
-    x = torch.randn(B, 1, 2, 16, generator=g)
-    pos = torch.randint(0, 32, (B,), generator=g)
-    got = batching.rope_rows(x, table, pos)
-    for b in range(B):
-        assert torch.equal(got[b:b + 1], rope.apply_rope(x[b:b + 1], table, int(pos[b])))
-
 
 def test_decode_rows_equals_a_full_forward_at_each_rows_own_position(model):
     """Rows at positions 3, 9 and 6 in one step: each row's logits are those of a full pass over its own sequence."""
@@ -691,7 +679,7 @@ def test_the_serve_command_loads_a_checkpoint_and_answers(tmp_path, model, tok, 
 
 def test_a_hugging_face_directory_serves_the_same_answers(tmp_path, model, tok, tok_path):
     out = hf.export_hf(model, tok_path, tmp_path / "hf", chat_template=template.CHAT_TEMPLATE)
-    loaded, loaded_tok = serve.load(out)
+    loaded, loaded_tok, _ = weights.load_pair(out)  # what serve.py loads
     ids = tok.encode("Good night").ids
     engine = batching.Engine(loaded)
     r = batching.Request(ids, 10, stop_id=EOT)

@@ -2,35 +2,24 @@
 
     pair    = (prompt messages, chosen answer, rejected answer, kind)
     rows    = ChatFormat.encode(prompt + [chosen]), ChatFormat.encode(prompt + [rejected])   lesson 08's ids and mask
-    collate = B pairs -> inputs (2B, T), targets (2B, T): the B chosen rows, then the B rejected rows (TRL's order)
+    collate = P pairs -> inputs (2P, T), targets (2P, T): the P chosen rows, then the P rejected rows (TRL's order)
 
-Rows are TRL's columns, one JSON object per line of a JSONL file or per row of a Hugging Face dataset:
-    standard         {"prompt": "text", "chosen": "text", "rejected": "text"}   the prompt becomes one user turn
-    conversational   {"prompt": [messages], "chosen": [{"role": "assistant", ...}], "rejected": [...]}
-                     ("messages" is taken as another name for the prompt's conversation)
-    implicit prompt  {"chosen": [messages], "rejected": [messages]}: two whole conversations that share all but
-                     their last (assistant) message, as in HuggingFaceH4/ultrafeedback_binarized
-Every problem a user can fix is a one-line DataError naming the file and line: an empty answer, a chosen
-answer equal to the rejected one (nothing to prefer), a prompt that does not end with the user's turn.
+Rows are TRL's columns, from JSONL files or a Hugging Face dataset, as strings or messages (notes.md §4); every
+problem a user can fix is a one-line DataError naming the file and line. The offline set asks lesson 08's two
+questions about lines of the plays, where the better answer is checkable: "Who says this?" (chosen: the speaker,
+rejected: another character of the scene) and "Continue this speech:" (chosen: the next line, rejected: a line
+of another speech of the scene); validation pairs come from the scenes lesson 01 holds out. --sample_from takes
+the rejected answers from the SFT model's own mistakes instead. Reading, splitting, writing: lesson 08's data.py.
+Left out on purpose: graded preferences, several rejected answers per prompt, prompt truncation.
 
-The offline set (build) comes from the plays of the default corpus, in lesson 08's wording, where the
-better answer is checkable:
-    speaker    "Who says this?\\n<line>"         chosen: the speaker     rejected: another character of the scene
-    continue   "Continue this speech:\\n<line>"  chosen: the next line   rejected: a line of another speech of the scene
-Scenes split by lesson 01's rule, as lesson 08's instruction set: validation pairs come from unseen scenes.
-The alternative negatives are the model's own mistakes: `--sample_from CKPT` samples the SFT model on the
-training prompts and keeps, for each, a sampled answer that is wrong (sample_rejections).
-
-Left out on purpose: ties and graded preferences (scores), several rejected answers per prompt, prompt
-truncation (a pair longer than max_seq_len is dropped and counted).
-
-Demo (writes data/dpo/{train,val}.jsonl):         python 10_dpo/preferences.py
-Rejections sampled from an SFT model instead:      python 10_dpo/preferences.py --sample_from out/sft/ckpt_best
+Demo (writes data/dpo/{train,val}.jsonl):         python 10_dpo/data.py
+Rejections sampled from an SFT model instead:      python 10_dpo/data.py --sample_from out/sft/ckpt_best
 """
 
 import argparse
 import json
 import random
+import re
 import sys
 from importlib import import_module
 from pathlib import Path
@@ -43,16 +32,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 corpus = import_module("01_tokenizer.corpus")
 prepare = import_module("01_tokenizer.prepare")
-tokenizer_lib = import_module("01_tokenizer.tokenizer")
 generate = import_module("06_model.generate")
+weights = import_module("06_model.weights")
 template = import_module("08_sft.template")
-instructions = import_module("08_sft.instructions")
-chat_data = import_module("08_sft.chat_data")
-benchmark = import_module("09_eval.benchmark")
+sft_data = import_module("08_sft.data")  # speeches, the JSONL and hub readers, the held-out split, the offline set
+sft = import_module("08_sft.sft")  # collate: lesson 08's answer mask
 
 DataError = corpus.DataError
 DEFAULT_DIR = "data/dpo"
 QUESTIONS = {"speaker": "Who says this?\n", "continue": "Continue this speech:\n"}  # lesson 08's wording
+ROMAN = re.compile(r"[IVXL]+")  # "Ii", "Iv": act numbers the speech parser can take for labels (lesson 09 skips them too)
 
 
 class Pair(NamedTuple):
@@ -106,85 +95,59 @@ def check_pair(row, where: str) -> Pair:
 def read_jsonl(path) -> list:
     """Every pair of a JSONL file, checked; the first bad line is a DataError naming file and line."""
     return [check_pair(row, where) for where, row in
-            chat_data.jsonl_rows(path, "preference pair", '{"prompt", "chosen", "rejected"} object')]
+            sft_data.jsonl_rows(path, "preference pair", '{"prompt", "chosen", "rejected"} object')]
 
 
 def hub_pairs(name: str, split: str = "train", limit: int | None = None, **load_kwargs) -> list:
-    """The pairs of a Hugging Face dataset with TRL's columns, streamed; an unreachable hub is one line
-    (lesson 01's hub_errors), and `name` stays the hub path: "json" with data_files= reads local files."""
-    import datasets  # imported here: the offline set never pays for it
+    """The pairs of a Hugging Face dataset with TRL's columns, through lesson 08's hub reader and its one-line errors."""
+    return sft_data.hub_rows(name, split, limit, check_pair, **load_kwargs)
 
-    pairs = []
-    with corpus.hub_errors(name):
-        for i, row in enumerate(datasets.load_dataset(name, split=split, streaming=True, **load_kwargs)):
-            if limit is not None and i >= limit:
-                break
-            pairs.append(check_pair(row, f"{name} row {i}"))
-    if not pairs:
-        raise DataError(f"{name} split {split!r} holds no pair")
-    return pairs
+
+def pairs_of(cfg: dict) -> tuple:
+    """(train, val) pairs of a DPO run's data flags: --data JSONL files, a hub dataset, or the offline set."""
+    return sft_data.train_val(cfg, read_jsonl, hub_pairs, default_data, "pair")
+
+
+def trl_row(prompt: list, chosen: str, rejected: str, kind: str) -> dict:
+    """A pair as a TRL conversational row (what read_jsonl and TRL's DPOTrainer read), with its kind."""
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}], "kind": kind}
 
 
 # ---- the offline set: checkable preferences from the plays ----------------------------------------------
 
 def scene_pairs(doc: str, rng: random.Random) -> list:
-    """The pairs of one scene, as TRL conversational rows: per speech of two lines or more, a speaker pair
-    (when the scene has another character) and a continue pair (when another speech has a line to offer)."""
+    """The pairs of one scene, as TRL rows: per speech of two lines or more, a speaker pair (when the scene has
+    another character) and a continue pair (when another speech has a line to offer)."""
     if not corpus.HEADING.match(doc):  # cast lists and poems: lesson 08's rule
         return []
-    speeches = [(n, ls) for n, ls in instructions.speeches(doc) if not benchmark.ROMAN.fullmatch(n.upper())]
-    names = sorted({n for n, _ in speeches})
-    out = []
+    speeches = [(n, ls) for n, ls in sft_data.speeches(doc) if not ROMAN.fullmatch(n.upper())]
+    names, out = sorted({n for n, _ in speeches}), []
+    ask = lambda kind, line: [{"role": "user", "content": QUESTIONS[kind] + line}]  # noqa: E731
     for s, (speaker, lines) in enumerate(speeches):
         if len(lines) < 2:
             continue
         others = [n for n in names if n != speaker]
         if others:
-            out.append(_row("speaker", lines[0], speaker, rng.choice(others)))
+            out.append(trl_row(ask("speaker", lines[0]), speaker, rng.choice(others), "speaker"))
         # as in lesson 09, wrong lines come from the answers' own population: lines after a speech's first
         elsewhere = sorted({x for t, (_, ls) in enumerate(speeches) if t != s for x in ls[1:] if x != lines[1]})
         if elsewhere:
-            out.append(_row("continue", lines[0], lines[1], rng.choice(elsewhere)))
+            out.append(trl_row(ask("continue", lines[0]), lines[1], rng.choice(elsewhere), "continue"))
     return out
-
-
-def _row(kind: str, line: str, chosen: str, rejected: str) -> dict:
-    return {"prompt": [{"role": "user", "content": QUESTIONS[kind] + line}], "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}], "kind": kind}
 
 
 def build(corpus_spec="shakespeare", out_dir=DEFAULT_DIR, cache_dir=corpus.DEFAULT_CACHE_DIR, seed: int = 0) -> dict:
     """Write train.jsonl and val.jsonl of the offline set under out_dir (atomically); return the counts."""
     rng, rows = random.Random(seed), {"train": [], "val": []}
-    for doc in corpus.documents(corpus_spec, cache_dir):
+    for doc in corpus.documents(corpus_spec, cache_dir):  # lesson 01's rule: the scenes pretraining held out
         rows["val" if prepare.is_val(doc, prepare.DEFAULT_VAL_FRACTION) else "train"] += scene_pairs(doc, rng)
-    if not rows["train"] or not rows["val"]:
-        raise DataError(f"{corpus_spec} gave {len(rows['train'])} train and {len(rows['val'])} val pairs; "
-                        "fix: use a corpus of plays (speaker label on its own line, then the speech)")
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    for name, pairs in rows.items():
-        with corpus.atomic_write(Path(out_dir) / f"{name}.jsonl") as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in pairs))
-    return {name: len(pairs) for name, pairs in rows.items()}
+    return sft_data.write_splits(rows, out_dir, "pair", corpus_spec)
 
 
 def default_data(data_dir: str) -> tuple:
     """(train, val) paths of the offline preference set, built from the default corpus when missing."""
-    return chat_data.offline_set(data_dir, build, "preference set", "pair")
-
-
-def train_val_pairs(data, val_data, hf_dataset, hf_split, hf_limit, data_dir, val_fraction) -> tuple:
-    """(train, val) pair lists from --data JSONL files, a hub dataset, or the offline set in data_dir."""
-    if hf_dataset:
-        pairs = hub_pairs(hf_dataset, hf_split, hf_limit or None)
-    elif data:
-        pairs = [p for path in data for p in read_jsonl(path)]
-    else:
-        train_path, val_path = default_data(data_dir)
-        pairs, val_data = read_jsonl(train_path), [val_path]
-    if val_data:
-        return pairs, [p for path in val_data for p in read_jsonl(path)]
-    return chat_data.held_out(pairs, val_fraction, "pair")
+    return sft_data.offline_set(data_dir, build, "preference set", "pair")
 
 
 # ---- token rows out -------------------------------------------------------------------------------------
@@ -202,9 +165,17 @@ def encode_pairs(fmt, pairs: list, max_len: int) -> tuple:
 
 
 def collate(encoded: list, pad_id: int) -> tuple:
-    """B encoded pairs -> (inputs (2B, T), targets (2B, T)): rows 0..B-1 the chosen answers, B..2B-1 the
+    """P encoded pairs -> (inputs (2P, T), targets (2P, T)): rows 0..P-1 the chosen answers, P..2P-1 the
     rejected ones; targets are IGNORE (-100) outside the answers (lesson 08's collate)."""
-    return chat_data.collate([c for c, _ in encoded] + [r for _, r in encoded], pad_id)
+    return sft.collate([c for c, _ in encoded] + [r for _, r in encoded], pad_id)
+
+
+def prompt_chunks(model, fmt, pairs: list, max_new_tokens: int) -> list:
+    """[(pair, prompt ids)] of the pairs whose prompt leaves room in the window for an answer of max_new_tokens, in
+    chunks of the model's max_batch_size: one generate() call each."""
+    todo = [(p, fmt.encode(p.prompt, add_generation_prompt=True)[0]) for p in pairs]
+    todo, B = [(p, ids) for p, ids in todo if len(ids) + max_new_tokens <= model.config.max_seq_len], model.config.max_batch_size
+    return [todo[i : i + B] for i in range(0, len(todo), B)]
 
 
 # ---- rejections sampled from the model ------------------------------------------------------------------
@@ -213,14 +184,12 @@ def collate(encoded: list, pad_id: int) -> tuple:
 def sample_rejections(model, fmt, pairs: list, samples: int = 4, max_new_tokens: int = 32, temperature: float = 1.0,
                       seed: int = 0) -> tuple:
     """(pairs with a sampled wrong answer as `rejected`, counts): for each pair, up to `samples` answers drawn
-    from the model; the first that says something and differs from the chosen answer is kept. A prompt the
-    model answers right every time has no mistake to push against and is dropped (counted)."""
+    from the model; the first that says something, ends with </s> and differs from the chosen answer is kept.
+    A prompt the model answers right every time has no mistake to push against and is dropped (counted)."""
     generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(seed)
-    out, counts, B = [], {"kept": 0, "always_right": 0}, model.config.max_batch_size
-    todo = [(p, fmt.encode(p.prompt, add_generation_prompt=True)[0]) for p in pairs]
-    todo = [(p, ids) for p, ids in todo if len(ids) + max_new_tokens <= model.config.max_seq_len]
-    for i in range(0, len(todo), B):
-        chunk, wrong = todo[i : i + B], [None] * len(todo[i : i + B])
+    out, counts = [], {"kept": 0, "always_right": 0}
+    for chunk in prompt_chunks(model, fmt, pairs, max_new_tokens):
+        wrong = [None] * len(chunk)
         for _ in range(samples):
             new = generate.generate(model, [ids for _, ids in chunk], max_new_tokens, temperature=temperature,
                                     stop_id=fmt.eot_id, generator=generator)
@@ -235,14 +204,6 @@ def sample_rejections(model, fmt, pairs: list, samples: int = 4, max_new_tokens:
     return out, counts
 
 
-def write_jsonl(pairs: list, path) -> None:
-    """Pairs as TRL conversational rows (what read_jsonl and TRL's DPOTrainer read), atomically."""
-    rows = [{"prompt": p.prompt, "chosen": [{"role": "assistant", "content": p.chosen}],
-             "rejected": [{"role": "assistant", "content": p.rejected}], "kind": p.kind} for p in pairs]
-    with corpus.atomic_write(path) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Build the offline preference set, or rejections sampled from an SFT model.")
     parser.add_argument("--out_dir", default=DEFAULT_DIR, help="where train.jsonl / val.jsonl (and sampled_train.jsonl) go")
@@ -253,25 +214,24 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     args = parser.parse_args(argv)
     train_path, val_path = default_data(args.out_dir)
-    with open(train_path) as f:
-        first = [json.loads(next(f)) for _ in range(2)]
-    for row in first:
-        print(f"{row['kind']:<9} {row['prompt'][0]['content']!r}: chosen {row['chosen'][0]['content']!r}, rejected {row['rejected'][0]['content']!r}")
+    pairs = read_jsonl(train_path)
+    for p in pairs[:2]:
+        print(f"{p.kind:<9} {p.prompt[0]['content']!r}: chosen {p.chosen!r}, rejected {p.rejected!r}")
     if args.sample_from:
-        chat = import_module("08_sft.chat")
-        model = chat.load_chat_model(args.sample_from).eval()
-        fmt = template.ChatFormat(tokenizer_lib.load_tokenizer(template.find_tokenizer(args.sample_from, args.tokenizer)))
-        pairs = read_jsonl(train_path)
+        model, tok, _ = weights.load_pair(args.sample_from, args.tokenizer)  # the tokenizer checked against its record
         pairs = random.Random(args.seed).sample(pairs, min(len(pairs), args.limit or len(pairs)))
-        sampled, counts = sample_rejections(model, fmt, pairs, args.samples, seed=args.seed)
-        write_jsonl(sampled, Path(args.out_dir) / "sampled_train.jsonl")
-        print(f"wrote {Path(args.out_dir) / 'sampled_train.jsonl'}: {counts['kept']:,} pairs with a sampled wrong answer, "
-              f"{counts['always_right']:,} prompts answered right in all {args.samples} samples (dropped); train with\n"
-              f"  python 10_dpo/dpo.py --base {args.sample_from} --data {Path(args.out_dir) / 'sampled_train.jsonl'} --val_data {val_path}")
+        sampled, counts = sample_rejections(model.eval(), template.ChatFormat(tok), pairs, args.samples, seed=args.seed)
+        out = Path(args.out_dir) / "sampled_train.jsonl"
+        with corpus.atomic_write(out) as tmp:
+            tmp.write_text("".join(json.dumps(trl_row(*p)) + "\n" for p in sampled))
+        print(f"wrote {out}: {counts['kept']:,} pairs with a sampled wrong answer, {counts['always_right']:,} prompts "
+              f"answered right in all {args.samples} samples (dropped); train with\n"
+              f"  python 10_dpo/dpo.py --base {args.sample_from} --data {out} --val_data {val_path}")
     checked = read_jsonl(val_path)
     assert all(p.chosen != p.rejected and p.prompt[-1]["role"] == "user" for p in checked)
     print(f"checked: {len(checked):,} validation pairs read back, each with two different answers to a user's turn")
 
 
 if __name__ == "__main__":
-    corpus.exit_on_data_error(main)
+    with weights.one_line_errors():
+        main()

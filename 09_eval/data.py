@@ -1,27 +1,18 @@
-"""The offline benchmark: three tasks cut from the validation scenes of the default corpus.
+"""The offline benchmark's data: three tasks cut from the validation scenes of the default corpus.
 
     next_line   a window of a scene, then its true next line against 3 lines from elsewhere in the play  (4 choices)
     speaker     a window of a scene, then "LABEL.\\n<line>": which of 4 characters of the play speaks it   (4 choices)
     last_word   a window of a scene ending just before the last word of a speech: greedy, exact match
 
-Only validation scenes (lesson 01's rule, prepare.is_val(doc, 0.05)) give text here, distractors
-included, so a model pretrained on train.bin has seen none of it. A play is the run of documents from
-one cast list (a document without an ACT/SCENE heading) to the next; its characters and lines are
-those of its validation scenes. Speeches come from lesson 08's parser (instructions.speeches).
+Only validation scenes (lesson 01's prepare.is_val(doc, 0.05)) give text, distractors included, so a model
+pretrained on train.bin has seen none of it. A play runs from one cast list (a document without an ACT/SCENE
+heading) to the next; speeches come from lesson 08's parser. Every item also has a chat form in lesson 08's
+wording. Deterministic (string-seeded RNGs per task); written as JSONL with meta.json (notes.md §4).
 
-Scoring the speaker's label together with the line, "LABEL.\\n<line>", asks for the posterior: the
-argmax over characters of p(label | window) p(line | window, label) is the argmax of p(label | window, line).
-
-Every item also has a chat form for fine-tuned models, in lesson 08's wording: "Who says this?\\n<line>"
-(answer: the name), "Continue this speech:\\n<lines>" (answer: the next line), and for the last word
-the same request with the final line's start already in the assistant's turn.
-
-Deterministic: the corpus order, string-seeded RNGs per task, at most max_items items per task drawn
-the same way. Written as JSONL, one item a line, with meta.json (source, split, seed, sha256 of each file).
-
-Demo (writes data/eval/): python 09_eval/benchmark.py
+Demo (writes data/eval/): python 09_eval/data.py
 """
 
+import argparse
 import hashlib
 import json
 import random
@@ -35,7 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 corpus = import_module("01_tokenizer.corpus")
 prepare = import_module("01_tokenizer.prepare")
-instructions = import_module("08_sft.instructions")
+sft_data = import_module("08_sft.data")
 
 DEFAULT_DIR = "data/eval"
 TASKS = {  # name -> how it is scored, chance level, the metric the table shows for base and chat forms (notes.md §2, §4)
@@ -60,7 +51,7 @@ def label_style(name: str, doc: str):
 def render(doc: str) -> list:
     """A scene as text lines, labels in its own style: [(text, speech index, line index or -1 for the label)]."""
     out = []
-    for s, (name, lines) in enumerate(instructions.speeches(doc)):
+    for s, (name, lines) in enumerate(sft_data.speeches(doc)):
         out.append((label_style(name, doc)(name), s, -1))
         out += [(line, s, k) for k, line in enumerate(lines)]
         out.append(("", s, None))  # the blank line between speeches
@@ -90,8 +81,7 @@ def shuffled(answer: str, others: list, rng: random.Random) -> tuple:
 
 
 def draw_names(rng: random.Random, speakers: list, k: int) -> list:
-    """k distinct names, each drawn in proportion to its speeches, as the answers are: a character with many
-    speeches is the answer often, and drawn uniformly as a distractor it would rarely be one (notes.md §4)."""
+    """k distinct names, each drawn in proportion to its speeches, as the answers are (notes.md §4)."""
     out = []
     while len(out) < k:
         name = rng.choice(speakers)
@@ -104,12 +94,12 @@ def play_items(scenes: list, rng: dict) -> dict:
     """The items of one play's validation scenes, per task."""
     # Distractors come from the answers' own population, lines after a speech's first: first lines are shorter,
     # and a scorer that prefers long lines (per byte: the newline token weighs less) would beat chance untrained.
-    lines = sorted({line for doc in scenes for _, ls in instructions.speeches(doc) for line in ls[1:]})
-    speakers = [n for doc in scenes for n, _ in instructions.speeches(doc) if not ROMAN.fullmatch(n.upper())]  # one per speech
+    lines = sorted({line for doc in scenes for _, ls in sft_data.speeches(doc) for line in ls[1:]})
+    speakers = [n for doc in scenes for n, _ in sft_data.speeches(doc) if not ROMAN.fullmatch(n.upper())]  # one per speech
     names = sorted(set(speakers))
     out = {task: [] for task in TASKS}
     for doc in scenes:
-        speeches, rendered = instructions.speeches(doc), render(doc)
+        speeches, rendered = sft_data.speeches(doc), render(doc)
         style = label_style(speeches[0][0], doc) if speeches else str
         for p, (text, s, k) in enumerate(rendered):
             name, speech = speeches[s] if k is not None else (None, None)
@@ -168,25 +158,29 @@ def build(out_dir=DEFAULT_DIR, corpus_spec="shakespeare", cache_dir=corpus.DEFAU
 
 
 def load_task(path) -> list:
-    """The items of one task file; a one-line ValueError for a missing, empty or malformed file."""
+    """The items of one task file; a one-line error for a missing, empty or malformed file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no task file at {path}: build the benchmark with `python 09_eval/benchmark.py`")
+        raise FileNotFoundError(f"no task file at {path}: build the benchmark with `python 09_eval/data.py`")
     try:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not JSONL ({e.msg} at line {e.lineno}); rebuild it with `python 09_eval/benchmark.py`") from None
+        raise ValueError(f"{path} is not JSONL ({e.msg} at line {e.lineno}); rebuild it with `python 09_eval/data.py`") from None
     if not rows:
-        raise ValueError(f"{path} has no items; rebuild it with `python 09_eval/benchmark.py`")
+        raise ValueError(f"{path} has no items; rebuild it with `python 09_eval/data.py`")
     return rows
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Build the offline benchmark from the default corpus's validation scenes.")
+    parser.add_argument("--out_dir", default=DEFAULT_DIR, help="where the task files and meta.json go")
+    out_dir = Path(parser.parse_args().out_dir)
+
     def demo():
-        meta = build()
+        meta = build(out_dir)
         for task, info in meta["tasks"].items():
             print(f"{task:<10} {info['items']:>5} items (of {info['available']:,}), chance {info['baseline']:.2f}, sha256 {info['sha256'][:12]}")
-        first = load_task(Path(DEFAULT_DIR) / "speaker.jsonl")[0]
+        first = load_task(out_dir / "speaker.jsonl")[0]
         print(f"speaker item 0:\n{first['context']}--- choices: {first['choices']} (label {first['label']})")
         assert all(info["items"] >= 500 for info in meta["tasks"].values()), "every task needs 500 items"
         print(f"checked: {meta['val_scenes']} validation scenes of {meta['plays']} plays give 500+ items per task")
