@@ -304,8 +304,9 @@ def start(given: dict, resolve_fn) -> tuple:
 
 def main(given: dict, resolve_fn, build, stage):
     """What every stage runs: its config; build(cfg) under build_once, before any process group; then the stage,
-    inside the process group, with the train state when resuming: stage(cfg, state, run). Bad input becomes one
-    line on stderr (`error: ...`) and exit code 2, never a traceback."""
+    inside the process group, with the train state when resuming: stage(cfg, state, run) -> {"finished": ...,
+    figures}, which rank 0 also writes to OUT_DIR/summary.json (the pipeline's report card reads it). Bad input
+    becomes one line on stderr (`error: ...`) and exit code 2, never a traceback."""
     with one_line_errors():
         cfg, state = start(given, resolve_fn)
         build_once(cfg["data_dir"], lambda: build(cfg))
@@ -313,7 +314,11 @@ def main(given: dict, resolve_fn, build, stage):
             if given.get("resume"):
                 state = checkpoint.broadcast_state(state, run)  # the newest checkpoint any node holds
                 cfg = resolve_fn(given, state["config"])
-            return stage(cfg, state, run)
+            result = stage(cfg, state, run)
+            if run.master:
+                with corpus.atomic_write(Path(cfg["out_dir"]) / "summary.json") as tmp:
+                    tmp.write_text(json.dumps(result, indent=2, default=float) + "\n")
+            return result
 
 
 def one_line_errors():

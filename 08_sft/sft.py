@@ -140,7 +140,7 @@ def finetune(cfg: dict, state: dict | None, run) -> dict:
                        {"tokenizer_sha256": tokenizer_lib.tokenizer_sha256(tokenizer_path), "before": before}, autocast,
                        write_weights=write_weights)
     if not (result["finished"] and run.master):
-        return {"step": result["step"], "before": before}
+        return {"step": result["step"], "finished": result["finished"], "before": before}
     out_dir = Path(cfg["out_dir"])
     before["val_loss"], after = log.records[0]["val_loss"], {"val_loss": result["best_val_loss"]}  # step 0: the base model
     best = checkpoint.load_model(out_dir / "ckpt_best", run.device)  # LoRA: merged onto the base, a plain LilLM
@@ -153,7 +153,7 @@ def finetune(cfg: dict, state: dict | None, run) -> dict:
         print(f"  {messages[-1]['content']!r} -> {answer!r} (reference {reference!r})")
     print(f"chat with it: python 08_sft/chat.py --checkpoint {out_dir / 'ckpt_best'}   (Hugging Face export with the chat "
           f"template: {out_dir / 'hf'})")
-    return {"step": result["step"], "before": before, "after": after, "counts": counts}
+    return {"step": result["step"], "finished": result["finished"], "before": before, "after": after, "counts": counts}
 
 
 DEFAULTS = dict(stage.POST_TRAINING, **stage.HUB, base="out/ckpt_best", data_dir=data.DEFAULT_DIR, out_dir="out/sft", pack=True,

@@ -175,7 +175,7 @@ def prefer(cfg: dict, state: dict | None, run) -> dict:
                        {"tokenizer_sha256": tokenizer_lib.tokenizer_sha256(tokenizer_path), "before": before}, autocast,
                        write_weights=write_weights, objective=DPOObjective(cfg["beta"]))
     if not (result["finished"] and run.master):
-        return {"step": result["step"], "before": before}
+        return {"step": result["step"], "finished": result["finished"], "before": before}
     out_dir, solo = Path(cfg["out_dir"]), stage.Run(False, 0, 0, 1, run.device)  # rank 0 alone: no collective
     best = checkpoint.load_model(out_dir / "ckpt_best", run.device).eval()  # LoRA: merged onto the SFT model
     after = evaluation.report(cfg, best, stage.load_base(cfg, run.device)[0].eval(), fmt, (val_kept, val_ref, score_val(best, solo)),
@@ -183,7 +183,7 @@ def prefer(cfg: dict, state: dict | None, run) -> dict:
     hf.export_hf(best, tokenizer_path, out_dir / "hf", chat_template=template.CHAT_TEMPLATE)
     print(f"wall time {time.perf_counter() - started:.0f} s; chat with it: python 08_sft/chat.py --checkpoint {out_dir / 'ckpt_best'}"
           f"   (Hugging Face export with the chat template: {out_dir / 'hf'})")
-    return {"step": result["step"], "before": before, "after": after}
+    return {"step": result["step"], "finished": result["finished"], "before": before, "after": after}
 
 
 DEFAULTS = dict(stage.POST_TRAINING, **stage.HUB, base="out/sft/ckpt_best", data_dir=data.DEFAULT_DIR, out_dir="out/dpo", beta=0.1,

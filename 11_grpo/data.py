@@ -152,20 +152,21 @@ def task_prompts(cfg: dict, fmt, max_len: int) -> tuple:
 if __name__ == "__main__":
     def demo():
         parser = argparse.ArgumentParser(description="Build the speaker task; optionally a warm-up SFT set of one form.")
-        parser.add_argument("--sft", type=int, default=0, help="also write data/grpo/{form}_sft.jsonl with this many conversations")
+        parser.add_argument("--sft", type=int, default=0, help="also write DATA_DIR/{form}_sft.jsonl with this many conversations")
         parser.add_argument("--form", default="choice", choices=FORMS, help="the form of that SFT set")
+        parser.add_argument("--data_dir", default=DEFAULT_DIR, help="where the task is written")
         args = parser.parse_args()
-        counts = build()
-        print(f"wrote {DEFAULT_DIR}/{{choice,open}}/{{train,val}}.jsonl: {counts['train']:,} train, {counts['val']:,} val prompts")
+        counts = build(args.data_dir)
+        print(f"wrote {args.data_dir}/{{choice,open}}/{{train,val}}.jsonl: {counts['train']:,} train, {counts['val']:,} val prompts")
         for form in FORMS:
-            item = read_prompts(Path(DEFAULT_DIR) / form / "val.jsonl")[0]
+            item = read_prompts(Path(args.data_dir) / form / "val.jsonl")[0]
             print(f"{form:>6}: {item['messages'][-1]['content']!r} -> {item['answers'][0]!r}")
         cases = [("Lear", 1.0), (" lear. ", 1.0), ("LEAR!", 1.0), ("It is Lear", 0.0), ("", 0.0), ("Kent", 0.0)]
         assert all(reward(said, ["Lear"]) == r for said, r in cases)
         print(f"checked: reward against 'Lear': {', '.join(f'{s!r} {r:.0f}' for s, r in cases)}")
         if args.sft:
-            path = Path(DEFAULT_DIR) / f"{args.form}_sft.jsonl"
-            n = write_sft(path, Path(DEFAULT_DIR) / args.form / "train.jsonl", args.sft)
+            path = Path(args.data_dir) / f"{args.form}_sft.jsonl"
+            n = write_sft(path, Path(args.data_dir) / args.form / "train.jsonl", args.sft)
             print(f"wrote {path}: {n:,} conversations for lesson 08 (python 08_sft/sft.py --data {path})")
 
     corpus.exit_on_data_error(demo)

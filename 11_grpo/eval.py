@@ -14,6 +14,7 @@ Commands (figures in BENCHMARKS.md):
 """
 
 import argparse
+import json
 import math
 import sys
 from importlib import import_module
@@ -166,6 +167,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--temperature", type=float, default=SAMPLING["temperature"], help="sampling temperature")
     parser.add_argument("--top_k", type=int, default=SAMPLING["top_k"], help="sample among the k most likely tokens (0: all)")
     parser.add_argument("--seed", type=int, default=SAMPLING["seed"], help="seed of the sampling (GRPO's validation uses its --seed)")
+    parser.add_argument("--json", help="also write the figures to this file ({form: {checkpoint or difference: {figure: [mean, half-width]}}})")
     args = parser.parse_args(argv)
     n, results = args.samples, {}
     with weights.one_line_errors():
@@ -187,6 +189,11 @@ def main(argv=None) -> dict:
             if len(tables) == 2:  # the same prompts: per-prompt differences
                 results[(form, "difference")] = diff = paired(*tables, n)
                 print("  second - first (paired): " + ", ".join(f"{k} {d:+.3f} +- {h:.3f}" for k, (d, h) in diff.items()))
+        if args.json:
+            nested = {}
+            for (form, who), figures in results.items():
+                nested.setdefault(str(form), {})[who] = figures
+            Path(args.json).write_text(json.dumps(nested, indent=2) + "\n")
         return results
 
 

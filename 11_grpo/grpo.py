@@ -189,14 +189,14 @@ def reinforce(cfg: dict, state: dict | None, run) -> dict:
     if result["finished"] and not hasattr(validate, "table"):  # a finished run resumed: nothing evaluated yet
         validate()  # on every rank: it all-reduces
     if not (result["finished"] and run.master):
-        return {"step": result["step"]}
+        return {"step": result["step"], "finished": result["finished"]}
     summary = evaluation.report(train_state["before"].numpy(), validate.table, n, where, cfg["temperature"])
     out_dir = Path(cfg["out_dir"])
     best = checkpoint.load_model(out_dir / "ckpt_best", run.device)  # LoRA: merged onto the base, a plain LilLM
     hf.export_hf(best, tokenizer_path, out_dir / "hf", chat_template=template.CHAT_TEMPLATE)
     print(f"best validation pass@1 {1 - result['best_val_loss']:.3f} (chosen on these prompts) in {out_dir / 'ckpt_best'}; "
           f"chat with it: python 08_sft/chat.py --checkpoint {out_dir / 'hf'}")
-    return {"step": result["step"], **summary}
+    return {"step": result["step"], "finished": result["finished"], **summary}
 
 
 DEFAULTS = dict(stage.POST_TRAINING, **evaluation.SAMPLING, base="out/sft/ckpt_best", task="choice", data_dir=data.DEFAULT_DIR,
