@@ -198,7 +198,7 @@ def last_error(log_path: Path) -> str:
 
 
 def human(seconds: float) -> str:
-    return f"{int(seconds // 60)} min {seconds % 60:02.0f} s" if seconds >= 60 else f"{seconds:.1f} s"
+    return f"{round(seconds) // 60} min {round(seconds) % 60:02d} s" if seconds >= 60 else f"{seconds:.1f} s"
 
 
 def main(argv=None) -> int:

@@ -166,7 +166,7 @@ def write(out: Path, record: dict, steps: dict | None = None) -> Path:
              f"GPUs: {', '.join(m['gpus']) or 'none'}; torch {m['torch']}, Python {m['python']}.", "",
              "| stage | wall time | headline |", "|---|---|---|"]
     for stage, s in stages.items():
-        wall = f"{s['seconds'] // 60:.0f} min {s['seconds'] % 60:02.0f} s" if s["seconds"] else "(not timed here)"
+        wall = f"{round(s['seconds']) // 60} min {round(s['seconds']) % 60:02d} s" if s["seconds"] else "(not timed here)"
         lines.append(f"| {stage} | {wall} | {headline(stage, out)} |")
     for stage, s in stages.items():
         lines += ["", f"## {stage}", "", s["means"], ""]

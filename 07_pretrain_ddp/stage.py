@@ -43,10 +43,11 @@ class TrainError(Exception):
 # ---- defaults: the shared loop's, pretraining's presets, post-training's ------------------------------------
 
 TRAINING = dict(  # the flags of train.fit, the same in every stage; a stage overrides what it needs
-    grad_accum=1, lr=None, min_lr=None, weight_decay=0.0, grad_clip=1.0, eval_interval=50, log_interval=10,
+    optimizer="adamw", muon_lr=None, grad_accum=1, lr=None, min_lr=None, weight_decay=0.0, grad_clip=1.0, eval_interval=50, log_interval=10,
     seed=1337, device="auto", dtype="auto", stop_at=0, resume=False, dist_timeout=30.0,
 )
 MODEL_FIELDS = ("d_model", "n_layers", "q_heads", "kv_heads", "max_seq_len", "multiple_of", "dropout")
+FROZEN = (*MODEL_FIELDS, "optimizer")  # a resumed run keeps its model and its optimizer's state
 FULL = dict(TRAINING,  # the seed's recipe: the 39.6M model, 524,288 tokens per step, ~10B tokens of OpenWebText
     corpus="openwebtext", data_dir="data/openwebtext", tokenizer="data/openwebtext/tokenizer.json", out_dir="out",
     d_model=512, n_layers=12, q_heads=16, kv_heads=8, max_seq_len=512, multiple_of=128, dropout=0.0,
@@ -92,7 +93,10 @@ def add_training_flags(flag) -> None:
     flag("batch_size", "micro-batch: rows per process per forward pass", type=int)
     flag("grad_accum", "micro-steps per optimizer step", type=int)
     flag("max_steps", "optimizer steps; the learning rate reaches min_lr at the last one", type=int)
-    flag("lr", "peak learning rate", type=float)
+    flag("optimizer", "adamw, or muon: Muon (muon.py) for the matrices of attention and FFN, AdamW for the rest",
+         choices=["adamw", "muon"])
+    flag("lr", "peak learning rate (AdamW's; Muon's too unless --muon_lr)", type=float)
+    flag("muon_lr", "Muon's peak learning rate, on its schedule; None: --lr (Muon scales it to AdamW's update size)", type=float)
     flag("min_lr", "final learning rate (cosine decay ends here at max_steps)", type=float)
     flag("warmup_steps", "linear warmup steps", type=int)
     flag("weight_decay", "AdamW weight decay, on weight matrices only", type=float)
@@ -157,11 +161,13 @@ def resolve(given: dict, defaults: dict, saved: dict | None, frozen: tuple, posi
     if saved is None:
         cfg = dict(defaults)
     else:
-        changed = [f"--{k} {given[k]} (checkpoint: {saved[k]})" for k in frozen if k in given and given[k] != saved[k]]
+        changed = [f"--{k} {given[k]} (checkpoint: {saved.get(k, TRAINING.get(k))})" for k in frozen
+                   if k in given and given[k] != saved.get(k, TRAINING.get(k))]
         if changed:
-            raise TrainError(f"--resume with a different model config: {', '.join(changed)}")
+            raise TrainError(f"--resume with a different model config or optimizer: {', '.join(changed)}")
         cfg = dict(saved)
     cfg.update({k: defaults[k] for k in PER_INVOCATION if k in defaults}, **given)
+    cfg.setdefault("optimizer", "adamw"), cfg.setdefault("muon_lr", None)  # checkpoints from before Muon
     for k in ("batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval", *positive):
         if cfg[k] < 1:
             raise TrainError(f"--{k} {cfg[k]}: must be at least 1")
@@ -170,6 +176,8 @@ def resolve(given: dict, defaults: dict, saved: dict | None, frozen: tuple, posi
     for k in ("weight_decay", "grad_clip", "stop_at"):
         if cfg[k] < 0:
             raise TrainError(f"--{k} {cfg[k]}: must not be negative")
+    if cfg.get("muon_lr") is not None and cfg["muon_lr"] <= 0:
+        raise TrainError(f"--muon_lr {cfg['muon_lr']}: must be positive")
     if not 0 < cfg["min_lr"] <= cfg["lr"] or not 0 <= cfg["warmup_steps"] < cfg["max_steps"]:
         raise TrainError(f"need 0 < min_lr <= lr and 0 <= warmup_steps < max_steps, got min_lr {cfg['min_lr']}, "
                          f"lr {cfg['lr']}, warmup_steps {cfg['warmup_steps']}, max_steps {cfg['max_steps']}")
@@ -194,7 +202,7 @@ def pretrain_config(given: dict, saved: dict | None = None) -> dict:
         out_dir = Path(given.get("out_dir", PRESETS[preset]["out_dir"])) / "dry_run"
         given = {**DRY_RUN, "global_batch_tokens": DRY_RUN["batch_size"] * DRY_RUN["max_seq_len"] * world * 2, **given,
                  "out_dir": str(out_dir)}
-    cfg = resolve(given, dict(PRESETS[preset], preset=preset), saved, MODEL_FIELDS, ("eval_tokens",))
+    cfg = resolve(given, dict(PRESETS[preset], preset=preset), saved, FROZEN, ("eval_tokens",))
     if cfg["preset"] == "full" and cfg["device"] == "auto" and not cfg["dry_run"] and not torch.cuda.is_available():
         raise TrainError("the full preset is the seed's GPU recipe (524,288 tokens per step: hours per step on a CPU) and "
                          "torch sees no GPU; use --preset cpu, add --dry_run to check its code path in a minute, "

@@ -35,6 +35,7 @@ stage = import_module("07_pretrain_ddp.stage")
 data = import_module("07_pretrain_ddp.data")
 checkpoint = import_module("07_pretrain_ddp.checkpoint")
 metrics = import_module("07_pretrain_ddp.metrics")
+muon = import_module("07_pretrain_ddp.muon")
 IGNORE = -100  # the target of a position that is not trained on (the model's ignore_index)
 
 
@@ -63,8 +64,8 @@ def fit(model, train_model, optimizer, next_micro_batches, validate, cfg: dict, 
         window.restart()  # after step 0's evaluation: the first window times training only
         while step < cfg["max_steps"]:
             lr = lr_at(step, cfg["lr"], cfg["min_lr"], cfg["warmup_steps"], cfg["max_steps"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for group in optimizer.param_groups:  # Muon's group: the same schedule at its own scale
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             batches = next_micro_batches()
             window.add(lr, train_step(model, train_model, optimizer, batches, run, cfg["grad_clip"], autocast, objective),
                        sum(batch[0].numel() for batch in batches) * run.world)  # input tokens of the global batch
@@ -103,8 +104,7 @@ def train_step(model, train_model, optimizer, micro_batches, run, grad_clip: flo
     global unit count N, the gradient norm, the objective's summed figures), left on the device. Each unit's loss
     is divided by N, the units of the WHOLE global batch, counted before any backward: a token weighs the same in
     any micro-batch or rank (a mean per micro-batch would not, in SFT). DDP averages over ranks: hence world."""
-    counts = torch.stack([objective.count(batch) for batch in micro_batches]).float()  # (A,) on the device
-    n_global = counts.sum()
+    n_global = torch.stack([objective.count(batch) for batch in micro_batches]).float().sum()  # on the device
     if run.ddp:
         dist.all_reduce(n_global)
     loss_sum, figures = torch.zeros((), device=run.device), {}
@@ -113,7 +113,7 @@ def train_step(model, train_model, optimizer, micro_batches, run, grad_clip: flo
         # .grad, so one all-reduce of the sum gives the same average with A times less traffic.
         with train_model.no_sync() if run.ddp and k < len(micro_batches) - 1 else nullcontext():
             with autocast:
-                summed, extra = objective.loss_sum(train_model, batch)  # over this micro-batch's counts[k] units
+                summed, extra = objective.loss_sum(train_model, batch)  # summed over this micro-batch's units
             (summed * run.world / n_global).backward()
         loss_sum += summed.detach()
         for name, value in extra.items():
@@ -127,9 +127,8 @@ def train_step(model, train_model, optimizer, micro_batches, run, grad_clip: flo
 
 @torch.no_grad()
 def loss_sums(model, batches, token_bytes: torch.Tensor, autocast=None) -> torch.Tensor:
-    """(3,) float64: summed target nats, bytes and tokens over (x, y) batches, summed so that ranks all-reduce them
-    before one division. loss = nats / tokens; bits per byte = nats / (ln 2 bytes), which, bytes being the same
-    for every tokenizer, compares models with different vocabularies (lesson 09's notes)."""
+    """(3,) float64: summed target nats, bytes and tokens over (x, y) batches, for ranks to all-reduce before one division:
+    loss = nats / tokens; bits per byte = nats / (ln 2 bytes), comparable across tokenizers (lesson 09's notes)."""
     device = next(model.parameters()).device  # model may be wrapped (DDP, torch.compile)
     token_bytes, total = token_bytes.to(device), torch.zeros(3, dtype=torch.float64, device=device)
     was_training = model.training
@@ -164,20 +163,21 @@ def lr_at(step: int, max_lr: float, min_lr: float, warmup: int, max_steps: int) 
     return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on the matrices of attention and FFN only: norm gains are scales meant to sit near 1,
-    and decay would shrink a rare token's embedding row at every step while its gradient comes only when the
-    token occurs (nanoGPT decays its tied matrix; Llama recipes do not). Frozen parameters get no .grad."""
+def make_optimizer(model, lr: float, weight_decay: float, device: torch.device, optimizer: str = "adamw", muon_lr=None):
+    """AdamW, decay on the matrices of attention and FFN only: norm gains sit near 1, and a rare token's embedding
+    row would shrink at every step but get a gradient only when the token occurs (Llama recipes; nanoGPT decays it).
+    "muon": those matrices go to Muon (muon.py) at muon_lr (None: lr), the rest stays on AdamW."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():  # the tied matrix appears once, as tok_embeddings.weight
         (decay if p.dim() == 2 and "tok_embeddings" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type in ("cuda", "cpu"))  # one kernel
+    groups, fused = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], device.type in ("cuda", "cpu")
+    adamw = lambda groups: torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)  # noqa: E731  fused: one kernel
+    return adamw(groups) if optimizer == "adamw" else muon.with_adamw(model, groups, adamw, lr, muon_lr or lr)
 
 
 def wrap_ddp(model, run):
-    """DDP: rank 0's weights to all, then each bucket of gradients all-reduced as soon as backward has made it.
-    The one buffer, the RoPE table, is alike on every rank: broadcasting it before every forward would be waste."""
+    """DDP: rank 0's weights to all, then each bucket of gradients all-reduced as soon as backward has made it. The one
+    buffer, the RoPE table, is alike on every rank: no broadcast of it before every forward."""
     return DDP(model, device_ids=[run.local_rank] if run.device.type == "cuda" else None, forward_sync_buffers=False) if run.ddp else model
 
 
@@ -191,7 +191,7 @@ def pretrain(cfg: dict, state: dict | None, run) -> dict:
     model = stage.start_model(cfg, state, run, lillm.LilLM(model_cfg).to(run.device))  # resuming: the checkpoint's
     if state is not None:
         checkpoint.check_resume(state, model_cfg, model.config, meta["tokenizer_sha256"], cfg["data_dir"])
-    optimizer = make_optimizer(model, cfg["lr"], cfg["weight_decay"], run.device)
+    optimizer = make_optimizer(model, cfg["lr"], cfg["weight_decay"], run.device, cfg["optimizer"], cfg["muon_lr"])
     step, best_val, position = checkpoint.restore(state, optimizer, run)
     train_model = wrap_ddp(torch.compile(model) if cfg["compile"] else model, run)
     sampler = data.RankSampler(data.WindowStream(train_data.n_windows, cfg["seed"]), B, run.rank, W, position)

@@ -134,7 +134,7 @@ def load_adapters(model: nn.Module, path) -> nn.Module:
 # ---- LoRA in a training stage (lessons 08, 10, 11): its flags, its learning rate, its checkpoints ------------
 
 LORA_DEFAULTS = dict(lora=False, lora_rank=8, lora_alpha=16.0, lora_targets="wq,wk,wv,wo")
-SHAPE = ("base", *LORA_DEFAULTS)  # what a resumed run may not change, in every stage that starts from a base
+SHAPE = ("base", *LORA_DEFAULTS, "optimizer")  # what a resumed run may not change, in every stage that starts from a base
 
 
 def add_lora_flags(flag, base: str = "a frozen base") -> None:

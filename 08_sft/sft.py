@@ -111,7 +111,7 @@ def finetune(cfg: dict, state: dict | None, run) -> dict:
     dtype, autocast = stage.precision(cfg, run.device)
     adapt, load, write_weights = lora.hooks(cfg, model)
     model = stage.start_model(cfg, state, run, model, adapt, load)
-    optimizer = train.make_optimizer(model, cfg["lr"], cfg["weight_decay"], run.device)
+    optimizer = train.make_optimizer(model, cfg["lr"], cfg["weight_decay"], run.device, cfg["optimizer"], cfg["muon_lr"])
     step, best_val, position = checkpoint.restore(state, optimizer, run)
     sampler = windows.RankSampler(windows.WindowStream(len(rows), cfg["seed"]), B, run.rank, run.world, position)
 

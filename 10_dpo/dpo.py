@@ -150,7 +150,7 @@ def prefer(cfg: dict, state: dict | None, run) -> dict:
     for m in model.modules():  # dropout off, as TRL does: the reference was scored without it (step 0's rewards are 0)
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    optimizer = train.make_optimizer(model, cfg["lr"], cfg["weight_decay"], run.device)
+    optimizer = train.make_optimizer(model, cfg["lr"], cfg["weight_decay"], run.device, cfg["optimizer"], cfg["muon_lr"])
     step, best_val, position = checkpoint.restore(state, optimizer, run)
     sampler = windows.RankSampler(windows.WindowStream(len(encoded), cfg["seed"]), B, run.rank, run.world, position)
 

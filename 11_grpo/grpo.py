@@ -160,7 +160,7 @@ def reinforce(cfg: dict, state: dict | None, run) -> dict:
     adapt, load, write_weights = lora.hooks(cfg, policy)
     model = stage.start_model(cfg, state, run, policy, adapt, load).eval()
     reference.requires_grad_(False)
-    optimizer = train.make_optimizer(model, cfg["lr"], cfg["weight_decay"], run.device)
+    optimizer = train.make_optimizer(model, cfg["lr"], cfg["weight_decay"], run.device, cfg["optimizer"], cfg["muon_lr"])
     step, best_val, position = checkpoint.restore(state, optimizer, run)
     per_rank = cfg["batch_size"] * cfg["grad_accum"] // cfg["group_size"]  # prompts per rank and step
     sampler = windows.RankSampler(windows.WindowStream(len(train_items), cfg["seed"]), per_rank, run.rank, run.world, position)

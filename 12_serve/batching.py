@@ -58,20 +58,30 @@ class Request:
 
 
 class Engine:
-    """The scheduler: run() loops step() on one thread while requests arrive through submit()."""
+    """The scheduler: run() loops step() on one thread while requests arrive through submit().
 
-    def __init__(self, model, max_batch: int = 16, max_waiting: int = 64, policy: str = "continuous"):
+    Two costs a naive engine pays at every step are avoided, both named in notes.md (where the time goes):
+    prefill of one joiner at a time (here, every waiting prompt that fits the step's prefill budget joins in
+    one forward) and a long prompt that freezes the batch for its whole prefill (here, a prompt longer than
+    the budget is prefilled in chunks of at most `prefill_tokens` per step, in a row set aside for it, and
+    joins when its last chunk is done). So a step's prefill work is bounded: at most prefill_tokens prompt
+    tokens, about one decode step's worth at the default, and running rows never wait longer than that."""
+
+    def __init__(self, model, max_batch: int = 16, max_waiting: int = 64, policy: str = "continuous", prefill_tokens: int = 64):
         assert policy in ("continuous", "static"), f"policy must be continuous or static, got {policy!r}"
-        assert max_batch > 0 and max_waiting > 0, "max_batch and max_waiting must be positive"
+        assert max_batch > 0 and max_waiting > 0 and prefill_tokens > 0, "max_batch, max_waiting and prefill_tokens must be positive"
         cfg, weight = model.config, model.tok_embeddings.weight
         self.model, self.max_batch, self.policy, self.device = model.eval(), max_batch, policy, weight.device
+        self.prefill_tokens = prefill_tokens
         self.waiting = queue.Queue(max_waiting)  # bounded: submit() raises queue.Full at once, never blocks
+        self.head = None  # a waiting request taken from the queue that did not fit this step: it goes first next step
         self.arrived = threading.Event()  # wakes an idle run()
         self.rows, self.pos = [], []  # row i: its Request; the position of its last token (its key is written there next step)
+        self.filling, self.filled = None, 0  # a long prompt prefilled chunk by chunk in row max_batch - 1; its tokens done
         shape = (max_batch, cfg.max_seq_len, cfg.kv_heads, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=weight.dtype, device=self.device) for _ in model.layers]
         self.v = [torch.zeros_like(k) for k in self.k]
-        self.steps = self.peak_rows = 0  # decode steps run, most rows in one step
+        self.steps = self.peak_rows = self.prefilled = 0  # decode steps, most rows in one step, prompt tokens of the last step
 
     def submit(self, req: Request) -> None:
         cfg = self.model.config
@@ -85,10 +95,17 @@ class Engine:
         self.waiting.put_nowait(req)
         self.arrived.set()
 
+    def queued(self) -> int:
+        """Requests admitted but not decoding yet: in the queue, first in line, or being prefilled in chunks."""
+        return self.waiting.qsize() + (self.head is not None) + (self.filling is not None)
+
+    def busy(self) -> bool:
+        return bool(self.rows) or self.queued() > 0
+
     def run(self, stop: threading.Event) -> None:
         """Step until `stop` is set; idle, wait for a request."""
         while not stop.is_set():
-            if not self.rows and self.waiting.empty():
+            if not self.busy():
                 self.arrived.wait(timeout=0.1)  # looked at again below: a request that came in between is not missed
                 self.arrived.clear()
                 continue
@@ -107,9 +124,11 @@ class Engine:
         for i in reversed(range(len(self.rows))):
             if self.rows[i].cancelled:
                 self._leave(i, "cancelled")
-        admit = self.policy == "continuous" or not self.rows
-        while admit and len(self.rows) < self.max_batch and not self.waiting.empty():  # this thread alone takes
-            self.join(self.waiting.get_nowait())
+        if self.filling is not None and self.filling.cancelled:
+            self.filling = self._end(self.filling, "cancelled")
+        self.prefilled = 0
+        if self.policy == "continuous" or not self.rows:
+            self.join()
         if not self.rows:
             return
         n = len(self.rows)
@@ -117,43 +136,110 @@ class Engine:
         logits = decode_rows(self.model, tokens, self.pos, [k[:n] for k in self.k], [v[:n] for v in self.v])
         self.pos = [p + 1 for p in self.pos]
         self.steps, self.peak_rows = self.steps + 1, max(self.peak_rows, n)
-        ended = [i for i in range(n) if self._take(i, logits[i])]
+        ended = self._take(list(range(n)), logits)
         for i in reversed(ended):  # from the end: the row moved into i is one already looked at
             self._leave(i, self.rows[i].finish_reason)
 
-    @torch.inference_mode()
-    def join(self, req: Request) -> None:
-        """Prefill: the prompt through lesson 06's forward, alone, into the next free row; its first token out."""
-        if req.cancelled:
-            return self._end(req, "cancelled")
-        i = len(self.rows)
-        self.rows.append(req)
-        self.pos.append(len(req.prompt))
+    def join(self) -> None:
+        """This step's prefill, at most prefill_tokens prompt tokens: first the long prompt being filled, then every
+        waiting prompt that fits what is left, all in one forward, then the first chunk of the next long one."""
+        budget = self.prefill_tokens
+        if self.filling is not None:
+            budget = self._fill(budget)
+        joiners = []
+        while self.filling is None and len(self.rows) + len(joiners) < self.max_batch:
+            req = self.head or (self.waiting.get_nowait() if not self.waiting.empty() else None)  # this thread alone takes
+            self.head = None
+            if req is None:
+                break
+            if req.cancelled:
+                self._end(req, "cancelled")
+            elif len(req.prompt) <= budget:  # fits: joins now, with the others
+                joiners.append(req)
+                budget -= len(req.prompt)
+            elif joiners or budget < self.prefill_tokens:  # would fit a fresh step: first in line for the next one
+                self.head = req
+                break
+            else:  # longer than a whole budget: prefilled in chunks, in the row set aside
+                self.filling, self.filled = req, 0
+                budget = self._fill(budget)
+        if joiners:
+            self._prefill(joiners)
+
+    def _prefill(self, reqs: list) -> None:
+        """Whole prompts through lesson 06's forward as one right-padded batch, into the next free rows; each one's
+        first token out. A failure is that of these joiners: each is tried alone, so it ends the faulty one only."""
+        i, lengths = len(self.rows), [len(r.prompt) for r in reqs]
+        ids = torch.zeros(len(reqs), max(lengths), dtype=torch.long, device=self.device)  # (m, T) padded after: causal, unseen
+        for j, r in enumerate(reqs):
+            ids[j, : lengths[j]] = torch.tensor(r.prompt, device=self.device)
+            r.generator = torch.Generator(device=self.device).manual_seed(r.seed)
         try:
-            req.generator = torch.Generator(device=self.device).manual_seed(req.seed)
-            caches = [RowCache(k, v, i) for k, v in zip(self.k, self.v)]
-            logits, _ = self.model(torch.tensor([req.prompt], device=self.device), caches=caches)  # (1, T, vocab)
-        except Exception as e:  # this row's own prefill: it alone fails (the next joiner rewrites its cache row)
+            logits, _ = self.model(ids, caches=[RowCache(k, v, i, len(reqs)) for k, v in zip(self.k, self.v)])  # (m, T, V)
+        except Exception as e:
+            if len(reqs) == 1:
+                self._fail(reqs[0], "prefill", e)
+                return self._end(reqs[0], "error")
+            for r in reqs:
+                self._prefill([r])
+            return
+        self.prefilled += sum(lengths)
+        self.rows += reqs
+        self.pos += lengths
+        last = logits[torch.arange(len(reqs)), torch.tensor(lengths) - 1]  # (m, V) each prompt's last position
+        for j in reversed(self._take(list(range(i, i + len(reqs))), last)):
+            self._leave(j, self.rows[j].finish_reason)
+
+    def _fill(self, budget: int) -> int:
+        """The next chunk of the long prompt into row max_batch - 1 (at its own positions: lesson 06's start_pos); when
+        its last chunk is done it moves to the next free row and joins. Returns the budget left."""
+        req, slot = self.filling, self.max_batch - 1
+        chunk = req.prompt[self.filled : self.filled + budget]
+        if not chunk:
+            return budget
+        try:
+            req.generator = getattr(req, "generator", None) or torch.Generator(device=self.device).manual_seed(req.seed)
+            logits, _ = self.model(torch.tensor([chunk], device=self.device), start_pos=self.filled,
+                                   caches=[RowCache(k, v, slot) for k, v in zip(self.k, self.v)])  # (1, chunk, V)
+        except Exception as e:
             self._fail(req, "prefill", e)
-            return self._leave(i, "error")
-        if self._take(i, logits[0, -1]):
-            self._leave(i, req.finish_reason)
+            self.filling = self._end(req, "error")
+            return budget
+        self.filled, self.prefilled = self.filled + len(chunk), self.prefilled + len(chunk)
+        if self.filled == len(req.prompt):  # done: into the next free row, its keys and values copied there
+            i, p = len(self.rows), self.filled
+            if i != slot:
+                for k, v in zip(self.k, self.v):
+                    k[i, :p], v[i, :p] = k[slot, :p], v[slot, :p]
+            self.rows.append(req)
+            self.pos.append(p)
+            self.filling = None
+            if self._take([i], logits[:, -1]):
+                self._leave(i, req.finish_reason)
+        return budget - len(chunk)
 
     def sample(self, req: Request, logits: torch.Tensor) -> int:
-        """One row's next id from its logits (vocab,): greedy, or drawn with the request's own generator."""
+        """One row's next id from its logits (vocab,): drawn with the request's own generator (temperature > 0)."""
         return int(generate.sample_next(logits[None], req.temperature, None, req.top_p, req.generator))
 
-    def _take(self, i: int, logits: torch.Tensor) -> bool:
-        """Row i's next token, sampled and handed out; True if the row has ended (stop id, length, or a failure)."""
-        r = self.rows[i]
-        try:
-            r.tokens.append(self.sample(r, logits))
-            r.emit(r.tokens[-1])
-        except Exception as e:  # this row's own sampling or delivery: it alone ends
-            return self._fail(r, "sampling", e)
-        if r.tokens[-1] == r.stop_id or len(r.tokens) >= r.max_new_tokens:
-            r.finish_reason = "stop" if r.tokens[-1] == r.stop_id else "length"
-        return r.finish_reason is not None
+    def _take(self, rows: list, logits: torch.Tensor) -> list:
+        """The next token of each of `rows` from logits (len(rows), V), handed out: every greedy row in one argmax and
+        one transfer, each sampling row with its own generator. Returns the rows that have now ended (stop id,
+        length, or a failure of their own sampling or delivery, which ends that row alone)."""
+        greedy = logits.argmax(dim=-1).tolist()  # one read for the whole batch
+        ended = []
+        for i, token in zip(rows, greedy):
+            r = self.rows[i]
+            try:
+                r.tokens.append(token if r.temperature == 0 else self.sample(r, logits[i - rows[0]]))
+                r.emit(r.tokens[-1])
+            except Exception as e:
+                self._fail(r, "sampling", e)
+            if r.finish_reason is None and (r.tokens[-1] == r.stop_id or len(r.tokens) >= r.max_new_tokens):
+                r.finish_reason = "stop" if r.tokens[-1] == r.stop_id else "length"
+            if r.finish_reason is not None:
+                ended.append(i)
+        return ended
 
     @staticmethod
     def _fail(req: Request, stage: str, e: Exception) -> bool:
@@ -207,15 +293,15 @@ def decode_rows(model, tokens: torch.Tensor, pos: list, ks: list, vs: list) -> t
 
 
 class RowCache:
-    """Lesson 05's KVCache interface on one row of the batch's cache: a joiner's prefill writes there."""
+    """Lesson 05's KVCache interface on rows row..row+count-1 of the batch's cache: joiners' prefill writes there."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, row: int):
-        self.k, self.v, self.row = k, v, row
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, row: int, count: int = 1):
+        self.k, self.v, self.rows = k, v, slice(row, row + count)
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor):  # k, v (1, T, Hkv, hd)
-        end, r = start_pos + k.shape[1], self.row
-        self.k[r, start_pos:end], self.v[r, start_pos:end] = k[0], v[0]
-        return self.k[r:r + 1, :end], self.v[r:r + 1, :end]
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor):  # k, v (count, T, Hkv, hd)
+        end = start_pos + k.shape[1]
+        self.k[self.rows, start_pos:end], self.v[self.rows, start_pos:end] = k, v
+        return self.k[self.rows, :end], self.v[self.rows, :end]
 
 
 if __name__ == "__main__":
@@ -236,7 +322,7 @@ if __name__ == "__main__":
         for i in range(10**6):  # one request arrives per step, as requests reach a server (none stops early)
             if i < len(reqs):
                 engine.submit(reqs[i])
-            elif not engine.rows and engine.waiting.empty():
+            elif not engine.busy():
                 break
             engine.step()
         print(f"{name:>14}: {engine.steps:4d} decode steps, {sum(lengths) / (time.perf_counter() - start):6.0f} tokens/s")

@@ -99,11 +99,11 @@ def engine_alone(model, max_batch: int):
     rng, V = random.Random(0), model.config.vocab_size
     print(f"{'rows':>4} {'prefill ms/token':>16} {'decode step ms':>14} {'tokens/s':>8}")
     for n in sorted({1, 4, 16, max_batch} & set(range(1, max_batch + 1))):
-        engine = batching.Engine(model, max_batch=n)
-        reqs = [batching.Request([rng.randrange(16, V) for _ in range(64)], 40) for _ in range(n)]
+        engine = batching.Engine(model, max_batch=n, max_waiting=n, prefill_tokens=64 * n)
+        for _ in range(n):
+            engine.submit(batching.Request([rng.randrange(16, V) for _ in range(64)], 40))
         start = time.perf_counter()
-        for r in reqs:
-            engine.join(r)
+        engine.join()  # every prompt in one forward
         prefill = (time.perf_counter() - start) / (64 * n)
         times = []
         for _ in range(9):

@@ -200,7 +200,7 @@ def create_app(engine, tokenizer, name: str = "lillm", api_key: str | None = Non
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "running": len(engine.rows), "waiting": engine.waiting.qsize(),
+        return {"status": "ok", "model": name, "running": len(engine.rows), "waiting": engine.queued(),
                 "max_batch": engine.max_batch, "max_waiting": engine.waiting.maxsize, "policy": engine.policy,
                 "steps": engine.steps, "window": cfg.max_seq_len, "chat": fmt is not None}
 

@@ -17,6 +17,7 @@ Run: python -m pytest tests/test_07_pretrain_ddp.py
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -405,3 +406,88 @@ def test_bad_flag_from_the_command_line(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "07_pretrain_ddp" / "train.py"), "--out_dir", str(tmp_path), "--max_steps", "0"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert run.returncode == 2 and run.stderr == "error: --max_steps 0: must be at least 1\n", run.stderr
+
+
+# ---- Muon ----------------------------------------------------------------------------------------------------
+
+muon = import_module("07_pretrain_ddp.muon")
+
+
+@given(rows=st.integers(2, 48), cols=st.integers(2, 48), steps=st.integers(1, 6), nesterov=st.booleans(),
+       adjust=st.sampled_from(["match_rms_adamw", "original"]), wd=st.sampled_from([0.0, 0.1]), seed=st.integers(0, 2**16))
+def test_muon_equals_torch_optim_muon_step_for_step(rows, cols, steps, nesterov, adjust, wd, seed):
+    """The same parameters and gradients, several steps: bit for bit the same weights and momentum (tolerance 0)."""
+    g = torch.Generator().manual_seed(seed)
+    ours, theirs = torch.nn.Parameter(torch.randn(rows, cols, generator=g)), torch.nn.Parameter(torch.zeros(rows, cols))
+    theirs.data.copy_(ours.data)
+    a = muon.Muon([ours], lr=0.02, weight_decay=wd, nesterov=nesterov, adjust=adjust, ns_dtype=torch.bfloat16)  # torch's dtype
+    b = torch.optim.Muon([theirs], lr=0.02, weight_decay=wd, nesterov=nesterov, adjust_lr_fn=adjust)
+    for _ in range(steps):
+        grad = torch.randn(rows, cols, generator=g)
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        a.step()
+        b.step()
+    assert torch.equal(ours, theirs)
+    assert torch.equal(a.state[ours]["momentum_buffer"], b.state[theirs]["momentum_buffer"])
+
+
+@given(rows=st.integers(8, 96), cols=st.integers(8, 96), spread=st.floats(1.0, 100.0), seed=st.integers(0, 2**16))
+def test_newton_schulz_puts_every_singular_value_within_100x_of_the_top_in_the_band(rows, cols, spread, seed):
+    """notes.md's claim: singular values within a factor 100 of the largest end in [0.6, 1.25], the directions kept."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(rows, cols)
+    u, _ = torch.linalg.qr(torch.randn(rows, k, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(cols, k, generator=g))
+    s = torch.logspace(0, -math.log10(spread), k)  # (k,) from 1 down to 1 / spread
+    for dtype in (torch.bfloat16, torch.float32):  # the paper's (a GPU's), and a CPU's
+        o = muon.newton_schulz(u @ torch.diag(s) @ v.T, dtype=dtype).float()
+        sv = torch.linalg.svdvals(o)
+        assert 0.6 <= sv.min() and sv.max() <= 1.25, (dtype, sv.min().item(), sv.max().item())
+        assert torch.allclose(u.T @ o @ v, torch.diag(torch.diagonal(u.T @ o @ v)), atol=0.05)  # still diagonal in U, V
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    lillm = import_module("06_model.model")
+    model = lillm.LilLM(lillm.ModelConfig(vocab_size=64, d_model=32, n_layers=2, q_heads=4, kv_heads=2))
+    opt = train.make_optimizer(model, 1e-3, 0.1, torch.device("cpu"), "muon", muon_lr=0.02)
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = {name: sorted(names[id(p)] for g in o.param_groups for p in g["params"]) for name, o in opt.optimizers.items()}
+    assert got["muon"] == sorted(n for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("layers."))
+    assert set(got["adamw"]) == {n for n, p in model.named_parameters() if p.dim() == 1} | {"tok_embeddings.weight"}
+    assert opt.optimizers["muon"].param_groups[0]["lr_scale"] == 20.0  # its own rate, on the loop's schedule
+
+
+def test_a_muon_run_resumes_exactly_and_keeps_its_momentum_in_the_checkpoint(token_dir, tmp_path):
+    run = lambda out, *extra: train.main(args(token_dir, out, "--batch_size", 4, "--grad_accum", 2, "--max_steps", 12,  # noqa: E731
+                                             "--eval_interval", 4, "--optimizer", "muon", "--muon_lr", 0.02, *extra))
+    run(tmp_path / "whole")
+    run(tmp_path / "parts", "--stop_at", 5)
+    state = checkpoint.load_state(tmp_path / "parts" / "ckpt_latest")
+    assert state["config"]["optimizer"] == "muon" and state["optimizer"]["muon"]["state"], "Muon's momentum buffers are saved"
+    train.main(["--resume", "--out_dir", str(tmp_path / "parts")])
+    keep = lambda records: [{k: r.get(k) for k in ("step", "loss", "lr", "grad_norm", "val_loss")} for r in records]  # noqa: E731
+    assert keep(metrics(tmp_path / "parts")) == keep(metrics(tmp_path / "whole"))
+    whole, parts = weights(tmp_path / "whole"), weights(tmp_path / "parts")
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+    assert metrics(tmp_path / "whole")[-1]["val_loss"] < metrics(tmp_path / "whole")[0]["val_loss"] - 0.5  # it trains
+
+
+def test_muon_under_ddp_equals_one_process(token_dir, tmp_path):
+    common = ("--global_batch_tokens", 8 * T, "--max_steps", 6, "--eval_interval", 3, "--optimizer", "muon", "--muon_lr", 0.02)
+    train.main(args(token_dir, tmp_path / "one", "--batch_size", 4, *common))
+    two = torchrun(*args(token_dir, tmp_path / "two", "--batch_size", 2, *common))
+    log = two.communicate(timeout=300)[0]
+    assert two.returncode == 0, log[-3000:]
+    one, ddp = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["loss"] for r in ddp[1:]] == pytest.approx([r["loss"] for r in one[1:]], rel=1e-4)
+
+
+@pytest.mark.parametrize("extra, message", [(["--optimizer", "muon", "--muon_lr", "0"], "--muon_lr 0.0: must be positive"),
+                                            (["--resume", "--optimizer", "muon"], "--optimizer muon (checkpoint: adamw)")])
+def test_bad_muon_flags_are_one_line_errors(extra, message, token_dir, reference, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    with pytest.raises(SystemExit) as stop:
+        train.main(args(token_dir, out, "--batch_size", 4, "--max_steps", 20, *extra))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and message in err, err

@@ -118,7 +118,7 @@ def test_every_answer_equals_its_prompt_alone(model, lengths, data, max_batch, p
     news = [data.draw(st.integers(1, 12)) for _ in prompts]
     arrivals = sorted(data.draw(st.integers(0, 15)) for _ in prompts)
     cancel = data.draw(st.one_of(st.none(), st.tuples(st.integers(0, len(prompts) - 1), st.integers(0, 30))))
-    engine = batching.Engine(model, max_batch=max_batch, policy=policy)
+    engine = batching.Engine(model, max_batch=max_batch, policy=policy, prefill_tokens=data.draw(st.sampled_from([5, 16, 64])))
     reqs = [batching.Request(p, n, stop_id=EOT) for p, n in zip(prompts, news)]
     run_engine(engine, reqs, arrivals, dict([cancel]) if cancel else None)
     for i, (r, p, n) in enumerate(zip(reqs, prompts, news)):
@@ -128,7 +128,7 @@ def test_every_answer_equals_its_prompt_alone(model, lengths, data, max_batch, p
         else:
             assert r.tokens == want, f"request {i} (prompt {len(p)}, arrived at step {arrivals[i]}) differs"
             assert r.finish_reason == ("stop" if want[-1] == EOT else "length")
-    assert not engine.rows and engine.waiting.empty() and engine.peak_rows <= max_batch
+    assert not engine.busy() and engine.peak_rows <= max_batch
 
 
 def test_seeded_sampling_equals_generate_with_the_same_seed_whatever_the_batch(model):
@@ -184,10 +184,10 @@ def test_a_failure_in_one_rows_sampling_ends_that_row_alone(model):
         return sample(req, logits)
 
     engine.sample = faulty
-    reqs = [batching.Request(p, 12, stop_id=None) for p in prompts]
+    reqs = [batching.Request(p, 12, temperature=1.0 if i == 1 else 0.0, stop_id=None) for i, p in enumerate(prompts)]
     reqs[2].prompt = [10**6]  # past the vocabulary: its prefill fails (submit would refuse it; forced here)
     run_engine(engine, reqs[:2] + reqs[3:], [0, 0, 1])
-    engine.join(reqs[2])
+    engine._prefill([reqs[2], batching.Request(prompts[3], 2, stop_id=None)])  # it fails alone, not its co-joiner
     assert (reqs[1].finish_reason, reqs[1].error, len(reqs[1].tokens)) == ("error", "sampling: RuntimeError", 3)
     assert (reqs[2].finish_reason, reqs[2].error) == ("error", "prefill: IndexError")
     for i in (0, 3):
@@ -195,6 +195,34 @@ def test_a_failure_in_one_rows_sampling_ends_that_row_alone(model):
     after = batching.Request(prompts[0], 5, stop_id=None)
     run_engine(engine, [after], [0])
     assert after.tokens == alone(model, prompts[0], 5, stop_id=None) and not engine.rows
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_rows_decode(model):
+    """The engine's guarantee: a step prefills at most prefill_tokens prompt tokens, so a 100-token joiner costs the
+    running row no step (it gains one token at every step) and fills over ceil(100 / 16) = 7 steps; short joiners
+    that fit one budget join together in one forward; every answer is still the one its prompt gets alone."""
+    engine, rec = batching.Engine(model, max_batch=5, prefill_tokens=16), None
+    running = batching.Request(torch.randint(16, 400, (5,)).tolist(), 30, stop_id=None)
+    engine.submit(running)
+    engine.step()
+    rec = Recorder(engine)
+    try:
+        long = batching.Request(torch.randint(16, 400, (100,)).tolist(), 10, stop_id=None)
+        short = [batching.Request(torch.randint(16, 400, (4,)).tolist(), 6, stop_id=None) for _ in range(3)]
+        for r in [long, *short]:
+            engine.submit(r)
+        for step in range(7):
+            before = len(running.tokens)
+            engine.step()
+            assert engine.prefilled <= 16 and len(running.tokens) == before + 1, f"step {step}"
+            assert (long.tokens == []) == (step < 6), f"the long prompt joins at its 7th chunk, not at step {step}"
+        while engine.busy():
+            engine.step()
+    finally:
+        rec.undo()
+    assert rec.joins == [2], "the three short prompts join in one forward, after the long one, beside the two running rows"
+    for r in [running, long, *short]:
+        assert r.tokens == alone(model, r.prompt, r.max_new_tokens, stop_id=None)
 
 
 def test_demo_runs():
@@ -262,27 +290,27 @@ def test_text_stream_decodes_a_long_answer_in_linear_time(tok):
 # ---- the server, through the official openai client ------------------------------------------------------
 
 class Recorder:
-    """Wraps an engine's step (optionally slowed down) and records each request's end and each join."""
+    """Wraps an engine's step (optionally slowed down) and records each request's end and each batch of joiners."""
 
     def __init__(self, engine, delay=0.0):
         self.engine, self.delay, self.ended, self.joins = engine, delay, [], []
-        self._step, self._join, self._end = engine.step, engine.join, engine._end
-        engine.step, engine.join, engine._end = self.step, self.join, self.end
+        self._step, self._prefill, self._end = engine.step, engine._prefill, engine._end
+        engine.step, engine._prefill, engine._end = self.step, self.prefill, self.end
 
     def step(self):
         time.sleep(self.delay)
         self._step()
 
-    def join(self, req):
-        self.joins.append(len(self.engine.rows))  # rows already decoding when this one joined
-        self._join(req)
+    def prefill(self, reqs):
+        self.joins.append(len(self.engine.rows))  # rows already decoding when these joined
+        self._prefill(reqs)
 
     def end(self, req, reason):
         self.ended.append((reason, len(req.tokens), req.max_new_tokens))
         self._end(req, reason)
 
     def undo(self):
-        del self.engine.step, self.engine.join, self.engine._end
+        del self.engine.step, self.engine._prefill, self.engine._end
 
 
 @pytest.fixture(scope="module")
@@ -585,11 +613,12 @@ def test_a_failing_row_gets_an_error_and_the_others_their_answers(live, model, t
 
     engine.sample, rec = faulty, Recorder(engine, delay=0.01)
     try:
-        bodies = [{**GOOD, "prompt": p, "max_tokens": 30, "seed": 666 if i == 1 else 1} for i, p in enumerate(prompts)]
+        bodies = [{**GOOD, "prompt": p, "max_tokens": 30, "seed": 666 if i == 1 else 1, "temperature": 1.0 if i == 1 else 0}
+                  for i, p in enumerate(prompts)]  # the faulty one samples: greedy rows take one argmax for the batch
         threads, got = stream_texts(live, bodies)
         for t in threads:
             t.join(timeout=60)
-        whole = httpx.post(live.url + "/v1/completions", json={**GOOD, "max_tokens": 30, "seed": 666})
+        whole = httpx.post(live.url + "/v1/completions", json={**GOOD, "max_tokens": 30, "seed": 666, "temperature": 1.0})
     finally:
         rec.undo()
         del engine.sample
