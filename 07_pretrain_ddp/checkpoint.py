@@ -1,25 +1,15 @@
 """Checkpoints that a crash at any instant cannot damage: write a new directory, then swap it in by renames.
 
     out/ckpt_latest/model.safetensors   the weights and the model config (lesson 06's save_model)
-    out/ckpt_latest/train_state.pt      plain dicts and tensors: step, optimizer, every RNG, data position,
+    out/ckpt_latest/train_state.pt      plain dicts and tensors: step, optimizer, every rank's RNG, data position,
                                         the train config, the tokenizer's sha256 (torch.load(weights_only=True))
+    save:  write ckpt_latest.tmp/ whole (fsynced); rename ckpt_latest -> .old; rename .tmp -> ckpt_latest; delete .old
 
-A save writes ckpt_latest.tmp/ completely (and fsyncs it), then
-
-    rename ckpt_latest -> ckpt_latest.old;   rename ckpt_latest.tmp -> ckpt_latest;   delete ckpt_latest.old
-
-A rename within one directory is atomic, so whenever the process dies, one complete checkpoint exists
-under ckpt_latest or, between the two renames, under ckpt_latest.old, which `find` then returns.
-Nothing here is pickled but plain Python values (weights_only=True refuses anything else), so a
-checkpoint cannot run code when loaded and never names a class whose module path starts with a digit.
-
-For a training run, save_run gathers every rank's RNG state and writes ckpt_latest (and ckpt_best, as
-hard links to the same files: written once), and restore/check_resume put a resumed run back exactly
-where it stopped, refusing a checkpoint that does not belong to the data or config it is resumed with.
-
-StopOnSignal turns SIGTERM (a preempted job) and SIGINT (Ctrl-C) into a flag that the training loop
-reads at a step boundary, so that a stopped run saves a consistent checkpoint instead of dying mid-step.
-Left out on purpose: sharded (per-rank) checkpoints, which FSDP-sized models need; async saving.
+A rename within one directory is atomic, so whenever the process dies one complete checkpoint exists, under
+ckpt_latest or, between the two renames, ckpt_latest.old, which `find` returns. Nothing is pickled but plain
+values, so loading runs no code. save_run gathers every rank's RNG and writes ckpt_latest (ckpt_best: hard links to
+the same files); restore and check_resume put a run back exactly where it stopped. StopOnSignal turns SIGTERM and
+SIGINT into a flag the loop reads at a step boundary. Left out on purpose: sharded checkpoints, async saving.
 
 Demo: python 07_pretrain_ddp/checkpoint.py
 """

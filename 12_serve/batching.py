@@ -3,7 +3,7 @@ at every decoding step.
 
     forever:                                                                 Engine.run -> Engine.step
         leave   rows that have ended or were cancelled give their row back   (the last row moves into it)
-        join    while a row is free, a waiting request's prompt is prefilled alone into that row's cache
+        join    while a row is free, waiting prompts are prefilled into free rows' caches (together, in one forward)
         step    ONE decode step computes the next token of every running row, each at its own position
 
 A decode step reads every weight to compute one token per row, so a step for 16 rows costs far less than
@@ -17,8 +17,7 @@ the row's previous request). Whatever belongs to one row (its prefill, sampling,
 row alone, with finish_reason "error"; only a failure of the batched step ends every row.
 
 Layout: per layer, K and V are (max_batch, max_seq_len, n_kv_heads, head_dim); rows 0..n-1 are running.
-Left out on purpose (notes.md): a paged KV cache, prefix caching, chunked or batched prefill, preemption,
-speculative decoding.
+Left out on purpose (notes.md): a paged KV cache, prefix caching, preemption, speculative decoding.
 
 Demo: python 12_serve/batching.py
 """

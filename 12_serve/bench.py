@@ -4,20 +4,29 @@ at a time (max_batch 1), static batching and continuous batching.
     python 12_serve/bench.py                                   # a random-init model of the default config (39.6M)
     python 12_serve/bench.py --checkpoint out/ckpt_best        # the main job's model
     python 12_serve/bench.py --clients 16 --modes one,continuous --requests 2 --max_tokens 32   # one column, quickly
-    python 12_serve/bench.py --engine_only                     # no server: prefill and decode step times, 1-32 rows
+    python 12_serve/bench.py --limit                           # no server: one decode step at 1..32 rows, the ideal speed-up,
+                                                               # and batch-1 decoding (--llama_bench PATH --gguf F: beside llama.cpp's)
+    python 12_serve/bench.py --modes one,continuous --clients 1,16,32 --llama_server PATH --gguf out/lillm.gguf
 
 Per mode, serve.py's app runs in this process on a loopback port; each of N clients sends --requests greedy
 streaming /v1/completions requests one after the other, each for max_tokens/4..max_tokens tokens (greedy:
 every mode does the same work). Reported: completion tokens / wall time, p50 and p95 time to first text,
-the largest batch, the KV cache (allocated up front), the weights and the process's peak memory.
+the largest batch, the KV cache (allocated up front), the weights and the process's peak memory. Then, for 16 and
+32 clients, the speed-up continuous batching achieves over one at a time beside the ideal one, B t(1) / t(B)
+from the engine's own decode step at B rows and 1 row (what batching could give if nothing but the decode step
+cost time), and the median time to first token against a lone request's. --llama_server: the same clients
+against llama.cpp's own server (-np = clients, continuous batching) on lesson 06's GGUF of the same weights.
 """
 
 import argparse
 import asyncio
+import copy
 import json
 import random
 import resource
+import socket
 import statistics
+import subprocess
 import sys
 import time
 from importlib import import_module
@@ -34,6 +43,7 @@ weights = import_module("06_model.weights")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
 batching = import_module("12_serve.batching")
 serve = import_module("12_serve.serve")
+generate = import_module("06_model.generate")
 
 TEXT = ("Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds that "
         "lour'd upon our house in the deep bosom of the ocean buried. Now are our brows bound with victorious "
@@ -48,15 +58,16 @@ async def one_client(http, jobs: list, out: list):
     for prompt, max_tokens in jobs:
         body = {"model": "lillm", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}}
-        start, first, tokens = time.perf_counter(), None, 0
+        start, first, tokens, pieces = time.perf_counter(), None, 0, 0
         async with http.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200, await r.aread()
             async for line in r.aiter_lines():
                 if line.startswith("data: {"):
                     chunk = json.loads(line[6:])
-                    if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
-                        first = time.perf_counter()
+                    if chunk.get("choices") and chunk["choices"][0].get("text"):
+                        first, pieces = first or time.perf_counter(), pieces + 1
                     tokens = chunk["usage"]["completion_tokens"] if chunk.get("usage") else tokens
+        tokens = tokens or pieces  # a server that sends no usage: one piece per token (llama.cpp streams so)
         out.append((start, first or time.perf_counter(), time.perf_counter(), tokens))
 
 
@@ -73,11 +84,8 @@ def measure(model, tokenizer, mode: str, n_clients: int, args) -> dict:
     running = serve.InThread(serve.create_app(engine, tokenizer, "lillm"))
     try:
         asyncio.run(clients(running.url, [[(args.prompts[0], 2)]]))  # warm up
-        rng = random.Random(n_clients)  # the same requests in every mode
-        jobs = [[(rng.choice(args.prompts), rng.randint(max(1, args.max_tokens // 4), args.max_tokens))
-                 for _ in range(args.requests)] for _ in range(n_clients)]
         start = time.perf_counter()
-        results = asyncio.run(clients(running.url, jobs))
+        results = asyncio.run(clients(running.url, jobs_for(n_clients, args)))
         wall = max(r[2] for r in results) - start
     finally:
         running.close()
@@ -86,32 +94,105 @@ def measure(model, tokenizer, mode: str, n_clients: int, args) -> dict:
     # free its cache by hand, or every mode's cache would stay in memory until the end.
     engine.k.clear()
     engine.v.clear()
+    return summary(mode, n_clients, results, wall, engine.peak_rows, round(kv_mb, 1))
+
+
+def summary(mode: str, n_clients: int, results: list, wall: float, peak_batch, kv_mb) -> dict:
     ttft, tokens = sorted(r[1] - r[0] for r in results), sum(r[3] for r in results)
     return {"mode": mode, "clients": n_clients, "requests": len(results), "tokens": tokens, "seconds": round(wall, 2),
             "tokens_per_s": round(tokens / wall, 1), "ttft_p50_s": round(statistics.median(ttft), 3),
-            "ttft_p95_s": round(ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))], 3),
-            "peak_batch": engine.peak_rows, "kv_cache_mb": round(kv_mb, 1)}
+            "ttft_p95_s": round(ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))], 3), "peak_batch": peak_batch, "kv_cache_mb": kv_mb}
+
+
+def jobs_for(n_clients: int, args) -> list:
+    rng = random.Random(n_clients)  # the same requests in every mode, llama.cpp's included
+    return [[(rng.choice(args.prompts), rng.randint(max(1, args.max_tokens // 4), args.max_tokens)) for _ in range(args.requests)]
+            for _ in range(n_clients)]
+
+
+def measure_llama(n_clients: int, args) -> dict:
+    """The same clients against llama.cpp's server: -np n_clients slots (continuous batching), each with the model's
+    whole window, --threads as ours, greedy; lesson 06's GGUF of the same weights."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = args.window * n_clients
+    server = subprocess.Popen([args.llama_server, "-m", args.gguf, "--host", "127.0.0.1", "--port", str(port), "-np", str(n_clients),
+                               "-c", str(ctx), "--threads", str(args.threads), "--threads-batch", str(args.threads), "--no-webui",
+                               "-a", "lillm"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        asyncio.run(clients(url, [[(args.prompts[0], 2)]]))  # warm up
+        start = time.perf_counter()
+        results = asyncio.run(clients(url, jobs_for(n_clients, args)))
+        return summary("llama.cpp", n_clients, results, max(r[2] for r in results) - start, n_clients, None)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @torch.inference_mode()
-def engine_alone(model, max_batch: int):
-    """No HTTP: prefill time per prompt token, and one decode step's time with 1 .. max_batch rows."""
-    rng, V = random.Random(0), model.config.vocab_size
-    print(f"{'rows':>4} {'prefill ms/token':>16} {'decode step ms':>14} {'tokens/s':>8}")
-    for n in sorted({1, 4, 16, max_batch} & set(range(1, max_batch + 1))):
-        engine = batching.Engine(model, max_batch=n, max_waiting=n, prefill_tokens=64 * n)
+def decode_step_times(model, sizes, prompt: int = 64, repeats: int = 9) -> dict:
+    """{rows: median seconds of one decode step} for the engine with that many rows, each past a prompt of `prompt`
+    tokens (prefilled first, all in one forward), and the prefill's seconds per prompt token at the largest size."""
+    rng, V, out = random.Random(0), model.config.vocab_size, {}
+    for n in sizes:
+        engine = batching.Engine(model, max_batch=n, max_waiting=n, prefill_tokens=prompt * n)
         for _ in range(n):
-            engine.submit(batching.Request([rng.randrange(16, V) for _ in range(64)], 40))
+            engine.submit(batching.Request([rng.randrange(16, V) for _ in range(prompt)], repeats + 2))
         start = time.perf_counter()
         engine.join()  # every prompt in one forward
-        prefill = (time.perf_counter() - start) / (64 * n)
+        out["prefill_per_token"] = (time.perf_counter() - start) / (prompt * n)
         times = []
-        for _ in range(9):
+        for _ in range(repeats):
             start = time.perf_counter()
             engine.step()
             times.append(time.perf_counter() - start)
-        step = statistics.median(times)
-        print(f"{n:>4} {prefill * 1e3:>16.2f} {step * 1e3:>14.1f} {n / step:>8.0f}", flush=True)
+        out[n] = statistics.median(times)
+    return out
+
+
+def limit(model, sizes) -> dict:
+    """The table of what batching can give on this machine: one decode step at B rows, its tokens/s, B t(1) / t(B)."""
+    t = decode_step_times(model, sizes)
+    print(f"{'rows':>4} {'step ms':>8} {'tokens/s':>8} {'ideal speed-up B t(1)/t(B)':>27}   (prefill {t['prefill_per_token'] * 1e3:.2f} ms/token)")
+    for n in sizes:
+        print(f"{n:>4} {t[n] * 1e3:>8.1f} {n / t[n]:>8.0f} {n * t[1] / t[n]:>27.2f}", flush=True)
+    return t
+
+
+def batch_one(model, args) -> dict:
+    """Greedy decoding of one row with lesson 06's generate in each of its modes, then llama.cpp's own llama-bench
+    (tg: tokens generated, no prompt) on lesson 06's GGUF of the same weights at the same threads: {mode: tokens/s}."""
+    int8 = import_module("06_model.int8")
+    n, out = 128, {}
+    for mode in ("eager", "compile", "int8", "int8+compile"):
+        m = int8.quantize_int8(copy.deepcopy(model)) if "int8" in mode else model
+        run = lambda: generate.generate(m, [[1]], n, stop_id=None, compile="compile" in mode)  # noqa: E731
+        run()  # warm up (and compile)
+        out[mode] = n / min(timed(run) for _ in range(3))
+    if args.llama_bench:
+        report = subprocess.run([args.llama_bench, "-m", args.gguf, "-p", "0", "-n", str(n), "-t", str(args.threads), "-r", "3",
+                                 "-o", "json"], capture_output=True, text=True, check=True).stdout
+        out["llama.cpp"] = json.loads(report)[0]["avg_ts"]
+    print(f"batch 1, greedy, {n} tokens, {args.threads} thread(s):")
+    for mode, speed in out.items():
+        versus = f"  ({speed / out['llama.cpp']:.2f}x llama.cpp)" if "llama.cpp" in out and mode != "llama.cpp" else ""
+        print(f"  {mode:>14} {speed:8.0f} tokens/s{versus}", flush=True)
+    return out
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def main(argv=None):
@@ -127,7 +208,10 @@ def main(argv=None):
     parser.add_argument("--max_batch", type=int, default=32, help="rows of the static and continuous batches")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steady on a shared machine)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    parser.add_argument("--engine_only", action="store_true", help="time the engine's prefill and decode step alone, no server")
+    parser.add_argument("--limit", "--engine_only", action="store_true", help="no server: one decode step at 1, 2, 4, 8, 16, 32 rows")
+    parser.add_argument("--llama_server", default=None, help="llama.cpp's llama-server binary: run the same clients against it too")
+    parser.add_argument("--llama_bench", default=None, help="with --limit: llama.cpp's llama-bench binary, batch 1 beside lilLM's")
+    parser.add_argument("--gguf", default=None, help="with --llama_server or --llama_bench: lesson 06's GGUF of the same weights")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -137,8 +221,10 @@ def main(argv=None):
         else:
             tokenizer = tokenizer_lib.load_tokenizer(args.tokenizer or tokenizer_lib.DEFAULT_TOKENIZER_PATH)
             model = lillm.LilLM(lillm.ModelConfig()).eval()
-    if args.engine_only:
-        return engine_alone(model, args.max_batch)
+    sizes = [n for n in (1, 2, 4, 8, 16, 32) if n <= args.max_batch]
+    if args.limit:
+        return limit(model, sizes), batch_one(model, args)
+    args.window = model.config.max_seq_len
     ids, rng = tokenizer.encode(TEXT).ids, random.Random(0)
     lengths = [rng.randint(args.prompt_min, min(args.prompt_max, len(ids), model.config.max_seq_len - args.max_tokens))
                for _ in range(16)]
@@ -150,14 +236,22 @@ def main(argv=None):
           f"{'batch':>5} {'KV MB':>6}")
     rows = []
     for n in [int(c) for c in args.clients.split(",")]:
-        for mode in args.modes.split(","):
-            rows.append(r := measure(model, tokenizer, mode, n, args))
+        for mode in args.modes.split(",") + (["llama.cpp"] if args.llama_server else []):
+            rows.append(r := measure_llama(n, args) if mode == "llama.cpp" else measure(model, tokenizer, mode, n, args))
             print(f"{mode:>10} {n:>7} {r['tokens']:>6} {r['seconds']:>7.1f} {r['tokens_per_s']:>8.1f} "
                   f"{r['ttft_p50_s']:>8.3f} {r['ttft_p95_s']:>8.3f} {r['peak_batch']:>5} {r['kv_cache_mb']:>6.1f}", flush=True)
-    by = {(r["mode"], r["clients"]): r["tokens_per_s"] for r in rows}
-    for n in sorted({r["clients"] for r in rows}):
+    by, ttft = ({(r["mode"], r["clients"]): r[key] for r in rows} for key in ("tokens_per_s", "ttft_p50_s"))
+    step = decode_step_times(model, sorted({1} | {n for n in (16, 32) if n <= args.max_batch}))
+    for n in (16, 32):
         if ("one", n) in by and ("continuous", n) in by:
-            print(f"{n} clients: continuous batching / one at a time = {by['continuous', n] / by['one', n]:.1f}x aggregate tokens/s")
+            ideal, got = n * step[1] / step[min(n, args.max_batch)], by["continuous", n] / by["one", n]
+            print(f"{n} clients: continuous batching / one at a time = {got:.2f}x aggregate tokens/s; ideal "
+                  f"B t(1)/t(B) = {ideal:.2f}x: {100 * got / ideal:.0f}% of it")
+        if ("continuous", n) in ttft and ("continuous", 1) in ttft:
+            print(f"{n} clients: median time to first token {ttft['continuous', n] * 1e3:.0f} ms, "
+                  f"{ttft['continuous', n] / ttft['continuous', 1]:.2f}x a lone request's ({ttft['continuous', 1] * 1e3:.0f} ms)")
+        if ("llama.cpp", n) in by and ("continuous", n) in by:
+            print(f"{n} clients: lilLM / llama.cpp's server = {by['continuous', n] / by['llama.cpp', n]:.2f}x aggregate tokens/s")
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
     print(f"memory: weights {weights_mb:.1f} MB; KV cache as above (allocated whole at start: max_batch x max_seq_len "
