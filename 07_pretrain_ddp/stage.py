@@ -54,6 +54,7 @@ FULL = dict(TRAINING,  # the seed's recipe: the 39.6M model, 524,288 tokens per 
     batch_size=32, global_batch_tokens=524288, max_steps=20000,
     lr=6e-4, min_lr=6e-5, warmup_steps=715,  # warmup: GPT-3's 375M tokens
     weight_decay=0.1, eval_interval=250, eval_tokens=2**20, compile=True, peak_tflops=0.0,
+    optimizer="muon",  # Muon for the blocks' matrices at --lr (its scale carries AdamW's rate over): BENCHMARKS.md
     wandb=False, wandb_project="lillm", sample_tokens=200, prompt="", dry_run=False,
 )
 PRESETS = {

@@ -2,7 +2,8 @@
 
     each rank:  its own micro-batches (disjoint windows), loss = summed cross-entropy / N
     backward:   g = sum_r grad loss_r          N = target tokens in the whole global batch; DDP all-reduces
-    update:     AdamW(g clipped to norm 1), lr = warmup, then cosine to min_lr at max_steps
+    update:     g clipped to norm 1; Muon (muon.py) for the blocks' matrices, AdamW for the rest (--optimizer adamw:
+                AdamW for all); lr = warmup, then cosine to min_lr at max_steps
 
 Every rank holds the whole model and optimizer and sees other data; DDP averages the gradients so every
 rank takes the same step (notes.md). The global batch is batch_size x max_seq_len x grad_accum x world_size

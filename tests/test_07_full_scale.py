@@ -147,9 +147,9 @@ def test_a_second_sigterm_does_not_kill_the_run_before_its_checkpoint(token_dir,
     assert 20 <= last < 5000 and checkpoint.load_state(out / "ckpt_latest")["step"] == last
 
 
-def test_dry_run_of_the_full_preset_with_muon(token_dir, tmp_path):
+def test_dry_run_of_the_full_preset_with_adamw(token_dir, tmp_path):  # the default, Muon: the dry run above
     out = tmp_path / "out"
-    train.main(["--preset", "full", "--dry_run", "--optimizer", "muon", "--data_dir", str(token_dir),
+    train.main(["--preset", "full", "--dry_run", "--optimizer", "adamw", "--data_dir", str(token_dir),
                 "--tokenizer", str(token_dir / "tokenizer.json"), "--out_dir", str(out)])
-    assert json.loads((out / "dry_run" / "config.json").read_text())["optimizer"] == "muon"
+    assert json.loads((out / "dry_run" / "config.json").read_text())["optimizer"] == "adamw"
     assert [r["step"] for r in metrics(out / "dry_run")] == [0, 1, 2, 3]

@@ -457,13 +457,15 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert opt.optimizers["muon"].param_groups[0]["lr_scale"] == 20.0  # its own rate, on the loop's schedule
 
 
-def test_a_muon_run_resumes_exactly_and_keeps_its_momentum_in_the_checkpoint(token_dir, tmp_path):
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_either_optimizer_resumes_exactly_with_its_state_in_the_checkpoint(optimizer, token_dir, tmp_path):
     run = lambda out, *extra: train.main(args(token_dir, out, "--batch_size", 4, "--grad_accum", 2, "--max_steps", 12,  # noqa: E731
-                                             "--eval_interval", 4, "--optimizer", "muon", "--muon_lr", 0.02, *extra))
+                                             "--eval_interval", 4, "--optimizer", optimizer, "--muon_lr", 0.02, *extra))
     run(tmp_path / "whole")
     run(tmp_path / "parts", "--stop_at", 5)
     state = checkpoint.load_state(tmp_path / "parts" / "ckpt_latest")
-    assert state["config"]["optimizer"] == "muon" and state["optimizer"]["muon"]["state"], "Muon's momentum buffers are saved"
+    saved = state["optimizer"]["muon"]["state"] if optimizer == "muon" else state["optimizer"]["state"]
+    assert state["config"]["optimizer"] == optimizer and saved, "the momentum buffers are saved"
     train.main(["--resume", "--out_dir", str(tmp_path / "parts")])
     keep = lambda records: [{k: r.get(k) for k in ("step", "loss", "lr", "grad_norm", "val_loss")} for r in records]  # noqa: E731
     assert keep(metrics(tmp_path / "parts")) == keep(metrics(tmp_path / "whole"))
@@ -472,8 +474,8 @@ def test_a_muon_run_resumes_exactly_and_keeps_its_momentum_in_the_checkpoint(tok
     assert metrics(tmp_path / "whole")[-1]["val_loss"] < metrics(tmp_path / "whole")[0]["val_loss"] - 0.5  # it trains
 
 
-def test_muon_under_ddp_equals_one_process(token_dir, tmp_path):
-    common = ("--global_batch_tokens", 8 * T, "--max_steps", 6, "--eval_interval", 3, "--optimizer", "muon", "--muon_lr", 0.02)
+def test_adamw_under_ddp_equals_one_process(token_dir, tmp_path):  # the default, Muon: the DDP test above
+    common = ("--global_batch_tokens", 8 * T, "--max_steps", 6, "--eval_interval", 3, "--optimizer", "adamw")
     train.main(args(token_dir, tmp_path / "one", "--batch_size", 4, *common))
     two = torchrun(*args(token_dir, tmp_path / "two", "--batch_size", 2, *common))
     log = two.communicate(timeout=300)[0]
@@ -483,7 +485,7 @@ def test_muon_under_ddp_equals_one_process(token_dir, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [(["--optimizer", "muon", "--muon_lr", "0"], "--muon_lr 0.0: must be positive"),
-                                            (["--resume", "--optimizer", "muon"], "--optimizer muon (checkpoint: adamw)")])
+                                            (["--resume", "--optimizer", "adamw"], "--optimizer adamw (checkpoint: muon)")])
 def test_bad_muon_flags_are_one_line_errors(extra, message, token_dir, reference, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(reference, out)
