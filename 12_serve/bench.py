@@ -239,7 +239,7 @@ def main(argv=None):
         for mode in args.modes.split(",") + (["llama.cpp"] if args.llama_server else []):
             rows.append(r := measure_llama(n, args) if mode == "llama.cpp" else measure(model, tokenizer, mode, n, args))
             print(f"{mode:>10} {n:>7} {r['tokens']:>6} {r['seconds']:>7.1f} {r['tokens_per_s']:>8.1f} "
-                  f"{r['ttft_p50_s']:>8.3f} {r['ttft_p95_s']:>8.3f} {r['peak_batch']:>5} {r['kv_cache_mb']:>6.1f}", flush=True)
+                  f"{r['ttft_p50_s']:>8.3f} {r['ttft_p95_s']:>8.3f} {r['peak_batch']:>5} {r['kv_cache_mb'] or '-':>6}", flush=True)
     by, ttft = ({(r["mode"], r["clients"]): r[key] for r in rows} for key in ("tokens_per_s", "ttft_p50_s"))
     step = decode_step_times(model, sorted({1} | {n for n in (16, 32) if n <= args.max_batch}))
     for n in (16, 32):
