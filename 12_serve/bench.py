@@ -44,6 +44,8 @@ tokenizer_lib = import_module("01_tokenizer.tokenizer")
 batching = import_module("12_serve.batching")
 serve = import_module("12_serve.serve")
 generate = import_module("06_model.generate")
+int8 = import_module("06_model.int8")
+timed = import_module("06_model.bench").timed
 
 TEXT = ("Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds that "
         "lour'd upon our house in the deep bosom of the ocean buried. Now are our brows bound with victorious "
@@ -171,7 +173,6 @@ def limit(model, sizes) -> dict:
 def batch_one(model, args) -> dict:
     """Greedy decoding of one row with lesson 06's generate in each of its modes, then llama.cpp's own llama-bench
     (tg: tokens generated, no prompt) on lesson 06's GGUF of the same weights at the same threads: {mode: tokens/s}."""
-    int8 = import_module("06_model.int8")
     n, out = 128, {}
     for mode in ("eager", "compile", "int8", "int8+compile"):
         m = int8.quantize_int8(copy.deepcopy(model)) if "int8" in mode else model
@@ -187,12 +188,6 @@ def batch_one(model, args) -> dict:
         versus = f"  ({speed / out['llama.cpp']:.2f}x llama.cpp)" if "llama.cpp" in out and mode != "llama.cpp" else ""
         print(f"  {mode:>14} {speed:8.0f} tokens/s{versus}", flush=True)
     return out
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main(argv=None):

@@ -136,3 +136,16 @@ def test_an_unknown_stage_or_another_preset_is_refused_in_one_line(run, tmp_path
         got = subprocess.run([sys.executable, "pipeline.py", "--out_dir", str(out), *argv], cwd=ROOT, capture_output=True, text=True,
                              timeout=120)
         assert got.returncode == 2 and got.stderr.count("\n") == 1 and message in got.stderr, got.stderr
+
+
+def test_the_cpu_preset_rolls_out_grpo_on_one_process_per_core_with_the_same_global_batch(monkeypatch, tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import pipeline as p
+
+    for cores, procs, accum in [(2, 2, "1"), (1, 1, "2")]:
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        steps = [s for stage in p.plan("cpu", tmp_path, 0).values() for s in stage if s.run is not None]  # training steps
+        grpo = next(s for s in steps if s.argv[0] == "11_grpo/grpo.py")
+        assert grpo.procs == procs and grpo.argv[grpo.argv.index("--grad_accum") + 1] == accum  # procs x accum = 2
+        assert (grpo.command()[0] == "torchrun") == (procs > 1)
+        assert len(steps) == 6 and all(s.procs == 1 for s in steps if s is not grpo)  # pretrain, sft, dpo, 2 warm-ups
