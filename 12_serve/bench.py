@@ -8,13 +8,14 @@ at a time (max_batch 1), static batching and continuous batching.
                                                                # and batch-1 decoding (--llama_bench PATH --gguf F: beside llama.cpp's)
     python 12_serve/bench.py --modes one,continuous --clients 1,16,32 --llama_server PATH --gguf out/lillm.gguf
 
-Per mode, serve.py's app runs in this process on a loopback port; each of N clients sends --requests greedy
+Per mode, serve.py's app runs in this process on a loopback port; from a second process, each of N clients sends --requests greedy
 streaming /v1/completions requests one after the other, each for max_tokens/4..max_tokens tokens (greedy:
 every mode does the same work). Reported: completion tokens / wall time, p50 and p95 time to first text,
 the largest batch, the KV cache (allocated up front), the weights and the process's peak memory. Then, for 16 and
 32 clients, the speed-up continuous batching achieves over one at a time beside the ideal one, B t(1) / t(B)
 from the engine's own decode step at B rows and 1 row (what batching could give if nothing but the decode step
-cost time), and the median time to first token against a lone request's. --llama_server: the same clients
+cost time), also at the rows a decode step held on average (clients come and go, so fewer than B), and the
+median time to first token against a lone request's. --llama_server: the same clients
 against llama.cpp's own server (-np = clients, continuous batching) on lesson 06's GGUF of the same weights.
 """
 
@@ -22,6 +23,7 @@ import argparse
 import asyncio
 import copy
 import json
+import multiprocessing
 import random
 import resource
 import socket
@@ -29,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from importlib import import_module
 from pathlib import Path
 
@@ -80,14 +83,30 @@ async def clients(url: str, jobs_per_client: list) -> list:
     return out
 
 
+def run_clients(url: str, jobs_per_client: list) -> list:
+    return asyncio.run(clients(url, jobs_per_client))
+
+
+class Clients:
+    """The clients in a process of their own, as a server's clients are: in the server's process their HTTP parsing
+    would take the interpreter lock from the engine's thread (measured: a third of continuous batching's speed-up lost).
+    Times are time.perf_counter(), the system-wide monotonic clock on Linux, so both processes read the same one."""
+
+    def __init__(self):
+        self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+    def __call__(self, url: str, jobs_per_client: list) -> list:
+        return self.pool.submit(run_clients, url, jobs_per_client).result()
+
+
 def measure(model, tokenizer, mode: str, n_clients: int, args) -> dict:
     engine = batching.Engine(model, max_batch=1 if mode == "one" else args.max_batch, max_waiting=256,
                              policy="static" if mode == "static" else "continuous")
     running = serve.InThread(serve.create_app(engine, tokenizer, "lillm"))
     try:
-        asyncio.run(clients(running.url, [[(args.prompts[0], 2)]]))  # warm up
+        args.clients_process(running.url, [[(args.prompts[0], 2)]])  # warm up
         start = time.perf_counter()
-        results = asyncio.run(clients(running.url, jobs_for(n_clients, args)))
+        results = args.clients_process(running.url, jobs_for(n_clients, args))
         wall = max(r[2] for r in results) - start
     finally:
         running.close()
@@ -96,14 +115,15 @@ def measure(model, tokenizer, mode: str, n_clients: int, args) -> dict:
     # free its cache by hand, or every mode's cache would stay in memory until the end.
     engine.k.clear()
     engine.v.clear()
-    return summary(mode, n_clients, results, wall, engine.peak_rows, round(kv_mb, 1))
+    return summary(mode, n_clients, results, wall, engine.peak_rows, round(kv_mb, 1), engine.steps)
 
 
-def summary(mode: str, n_clients: int, results: list, wall: float, peak_batch, kv_mb) -> dict:
+def summary(mode: str, n_clients: int, results: list, wall: float, peak_batch, kv_mb, steps=None) -> dict:
     ttft, tokens = sorted(r[1] - r[0] for r in results), sum(r[3] for r in results)
     return {"mode": mode, "clients": n_clients, "requests": len(results), "tokens": tokens, "seconds": round(wall, 2),
             "tokens_per_s": round(tokens / wall, 1), "ttft_p50_s": round(statistics.median(ttft), 3),
-            "ttft_p95_s": round(ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))], 3), "peak_batch": peak_batch, "kv_cache_mb": kv_mb}
+            "ttft_p95_s": round(ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))], 3), "peak_batch": peak_batch, "kv_cache_mb": kv_mb,
+            "mean_rows": round((tokens - len(results)) / steps, 2) if steps else None}  # rows per decode step (first tokens: prefill)
 
 
 def jobs_for(n_clients: int, args) -> list:
@@ -131,9 +151,9 @@ def measure_llama(n_clients: int, args) -> dict:
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-        asyncio.run(clients(url, [[(args.prompts[0], 2)]]))  # warm up
+        args.clients_process(url, [[(args.prompts[0], 2)]])  # warm up
         start = time.perf_counter()
-        results = asyncio.run(clients(url, jobs_for(n_clients, args)))
+        results = args.clients_process(url, jobs_for(n_clients, args))
         return summary("llama.cpp", n_clients, results, max(r[2] for r in results) - start, n_clients, None)
     finally:
         server.terminate()
@@ -219,7 +239,7 @@ def main(argv=None):
     sizes = [n for n in (1, 2, 4, 8, 16, 32) if n <= args.max_batch]
     if args.limit:
         return limit(model, sizes), batch_one(model, args)
-    args.window = model.config.max_seq_len
+    args.window, args.clients_process = model.config.max_seq_len, Clients()
     ids, rng = tokenizer.encode(TEXT).ids, random.Random(0)
     lengths = [rng.randint(args.prompt_min, min(args.prompt_max, len(ids), model.config.max_seq_len - args.max_tokens))
                for _ in range(16)]
@@ -236,12 +256,16 @@ def main(argv=None):
             print(f"{mode:>10} {n:>7} {r['tokens']:>6} {r['seconds']:>7.1f} {r['tokens_per_s']:>8.1f} "
                   f"{r['ttft_p50_s']:>8.3f} {r['ttft_p95_s']:>8.3f} {r['peak_batch']:>5} {r['kv_cache_mb'] or '-':>6}", flush=True)
     by, ttft = ({(r["mode"], r["clients"]): r[key] for r in rows} for key in ("tokens_per_s", "ttft_p50_s"))
-    step = decode_step_times(model, sorted({1} | {n for n in (16, 32) if n <= args.max_batch}))
+    rows_of = {r["clients"]: r["mean_rows"] for r in rows if r["mode"] == "continuous"}
+    occupied = {max(1, round(m)) for n, m in rows_of.items() if n in (16, 32)}
+    step = decode_step_times(model, sorted({1} | {n for n in (16, 32) if n <= args.max_batch} | occupied))
     for n in (16, 32):
         if ("one", n) in by and ("continuous", n) in by:
             ideal, got = n * step[1] / step[min(n, args.max_batch)], by["continuous", n] / by["one", n]
+            m = max(1, round(rows_of[n]))  # the clients come and go: the batch held m rows on average, not n
             print(f"{n} clients: continuous batching / one at a time = {got:.2f}x aggregate tokens/s; ideal "
-                  f"B t(1)/t(B) = {ideal:.2f}x: {100 * got / ideal:.0f}% of it")
+                  f"B t(1)/t(B) = {ideal:.2f}x: {100 * got / ideal:.0f}% of it; at the {rows_of[n]:.1f} rows a step held on "
+                  f"average, {m} t(1)/t({m}) = {m * step[1] / step[m]:.2f}x: {100 * got / (m * step[1] / step[m]):.0f}% of it")
         if ("continuous", n) in ttft and ("continuous", 1) in ttft:
             print(f"{n} clients: median time to first token {ttft['continuous', n] * 1e3:.0f} ms, "
                   f"{ttft['continuous', n] / ttft['continuous', 1]:.2f}x a lone request's ({ttft['continuous', 1] * 1e3:.0f} ms)")
