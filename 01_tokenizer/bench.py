@@ -80,9 +80,10 @@ def bench_plain(docs: list[str], chars: int, vocab_size: int):
     assert same, "train_plain and ByteLevelBPE.train must learn the same merges"
 
 
-def throughput(title: str, label: str, tok, docs: list[str], n: int, spec: str, tok_path, out: Path, workers):
+def throughput(title: str, label: str, docs: list[str], n: int, spec: str, tok_path, out: Path, workers):
     """Bare encode_batch and encode_batch_fast over `docs` n times, against prepare.prepare(spec) (which holds
     them n times over), interleaved, best of 3; one row each in MB/s and tokens/s."""
+    tok = tokenizer_lib.load_tokenizer(tok_path)
     mb = n * sum(len(d.encode("utf-8")) for d in docs) / 1e6
     runs = {"bare": [], "fast": [], "prepare": []}  # (wall, CPU) seconds
     for k in range(3):  # interleaved: on a shared machine other jobs slow down single runs
@@ -122,16 +123,15 @@ def peak_rss_mb(*args: str) -> float:
 
 
 def bench_prepare(docs: list[str], tok_path: Path, work: Path, scale: int, parquet_scale: int, workers: int | None):
-    tok = tokenizer_lib.load_tokenizer(tok_path)
-    throughput("Token files for the default corpus", "(read+encode+write)", tok, docs, 1, "shakespeare", tok_path,
+    throughput("Token files for the default corpus", "(read+encode+write)", docs, 1, "shakespeare", tok_path,
                work / "x0", 1)
     n, shard_dir = parquet_scale, work / f"parquet_x{parquet_scale}"
     shard_dir.mkdir()
     for k in range(8):
-        part = [d for i, d in enumerate(docs * n) if i % 8 == k]  # every shard a mix of the whole corpus
+        part = (docs * n)[k::8]  # every shard a mix of the whole corpus
         pq.write_table(pa.table({"text": part}), shard_dir / f"{k}.parquet", row_group_size=64)
     n_workers = min(workers or prepare.cpu_count(), 8)
-    throughput("At scale, in 8 parquet shards", f"({n_workers} worker processes)", tok, docs, n,
+    throughput("At scale, in 8 parquet shards", f"({n_workers} worker processes)", docs, n,
                str(shard_dir / "*.parquet"), tok_path, work / "xp", workers)
 
     big = work / f"shakespeare_x{scale}.jsonl"

@@ -29,9 +29,10 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterable
 from importlib import import_module
+from itertools import accumulate, pairwise
 from pathlib import Path
-from typing import Iterable
 
 import regex  # the `re` module has no \p{L} / \p{N}
 
@@ -47,11 +48,8 @@ GPT2_SPLIT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """byte -> a printable character: bytes that print stay themselves, the other 68 go to 256 + n.
-
-    Printable stand-ins keep every token a readable, JSON-safe string: byte 0x20 (space) is "Ġ",
-    0x0A (newline) is "Ċ". Keys are the 256 bytes; the values are 256 distinct characters.
-    """
+    """byte -> a printable character: bytes that print stay themselves, the other 68 go to 256 + n, so that every
+    token is a readable, JSON-safe string: byte 0x20 (space) is "Ġ", 0x0A (newline) is "Ċ"."""
     printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
     table = {b: chr(b) for b in printable}
     others = [b for b in range(256) if b not in table]
@@ -86,8 +84,7 @@ def merge_word(word: list[int], a: int, b: int, new_id: int) -> list[tuple[tuple
     """Replace each (a, b) in `word` by new_id in place, left to right; return the pair-count changes.
 
     Only the neighbours change: x a b y -> x N y removes (x, a) and (b, y), adds (x, N) and (N, y).
-    The merged pair (a, b) itself gets no -1, as in the library: its count goes stale, which is
-    harmless because its heap entry has just been taken out.
+    The merged pair (a, b) itself gets no -1, as in the library: its count goes stale (notes.md §4).
     """
     changes = []  # ((left, right), +1 or -1)
     i = 0
@@ -133,7 +130,7 @@ def train_plain(texts: Iterable[str], vocab_size: int, special_tokens: Iterable[
     while len(vocab) < vocab_size:
         pair_counts = Counter()  # (int, int) -> int, from scratch
         for word, n in zip(words, counts):
-            for pair in zip(word, word[1:]):
+            for pair in pairwise(word):
                 pair_counts[pair] += n
         if not pair_counts:  # every word is a single token: nothing left to merge
             break
@@ -156,9 +153,8 @@ class ByteLevelBPE:
         self.ranks = {(vocab[a], vocab[b]): (r, vocab[a + b]) for r, (a, b) in enumerate(merges)}
         self.special_tokens = list(special_tokens)
         # Longest first, so that a special token that is a prefix of another cannot cut it short.
-        alternatives = sorted(self.special_tokens, key=len, reverse=True)
-        pattern = "(" + "|".join(map(regex.escape, alternatives)) + ")"
-        self.special_split = regex.compile(pattern) if alternatives else None
+        alternatives = "|".join(map(regex.escape, sorted(self.special_tokens, key=len, reverse=True)))
+        self.special_split = regex.compile(f"({alternatives})") if self.special_tokens else None
         self.cache = {}  # byte-char word -> ids; natural text repeats its words
 
     @classmethod
@@ -171,7 +167,7 @@ class ByteLevelBPE:
         pair_counts = Counter()  # (int, int) -> int; every adjacent pair, weighted by its word's count
         where = {}  # (int, int) -> set of word indices that contain (or contained) the pair
         for i, word in enumerate(words):
-            for pair in zip(word, word[1:]):
+            for pair in pairwise(word):
                 pair_counts[pair] += counts[i]
                 where.setdefault(pair, set()).add(i)
 
@@ -229,7 +225,7 @@ class ByteLevelBPE:
         ids = [self.vocab[c] for c in word]
         while len(ids) > 1:
             # min over (rank, position): the library's heap of (rank, pos) in one line
-            rank, i = min((self.ranks.get(pair, (float("inf"),))[0], i) for i, pair in enumerate(zip(ids, ids[1:])))
+            rank, i = min((self.ranks.get(pair, (float("inf"),))[0], i) for i, pair in enumerate(pairwise(ids)))
             if rank == float("inf"):
                 break
             ids[i : i + 2] = [self.ranks[ids[i], ids[i + 1]][1]]
@@ -256,17 +252,14 @@ class ByteLevelBPE:
 
 if __name__ == "__main__":
     corpus = import_module("01_tokenizer.corpus")
-    docs = corpus.shakespeare_documents()
-    train_docs, excerpt = [], 0
-    for doc in docs:  # the first ~200 KB of the plays
-        train_docs.append(doc)
-        excerpt += len(doc)
-        if excerpt > 200_000:
-            break
+    docs = list(corpus.shakespeare_documents())
+    starts = accumulate(map(len, docs), initial=0)
+    train_docs = [doc for doc, offset in zip(docs, starts) if offset <= 200_000]  # the first ~200 KB of the plays
+    excerpt, specials = sum(map(len, train_docs)), ["<unk>", "<s>", "</s>"]
     start = time.perf_counter()
-    plain = train_plain(train_docs, vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"])
+    plain = train_plain(train_docs, vocab_size=512, special_tokens=specials)
     middle = time.perf_counter()
-    bpe = ByteLevelBPE.train(train_docs, vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"])
+    bpe = ByteLevelBPE.train(train_docs, vocab_size=512, special_tokens=specials)
     assert plain.merges == bpe.merges and plain.vocab == bpe.vocab, "both trainers must learn the same merges"
     print(f"trained on {excerpt:,} characters: {len(bpe.vocab)} tokens, {len(bpe.merges)} merges, the same from "
           f"train_plain ({middle - start:.2f} s) and ByteLevelBPE.train ({time.perf_counter() - middle:.2f} s)")

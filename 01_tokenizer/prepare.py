@@ -42,7 +42,7 @@ corpus = import_module("01_tokenizer.corpus")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
 
 DataError = corpus.DataError  # what load_meta and ensure_data raise; callers catch prepare.DataError
-DTYPE = np.uint16
+DTYPE = np.dtype(np.uint16)
 DEFAULT_DATA_DIR = "data/shakespeare"
 DEFAULT_VAL_FRACTION = 0.05  # 36 of the default corpus' 790 scenes
 DEFAULT_VAL_TOKENS = 10_000_000  # ...but at most ~10 M tokens: 0.1% of OpenWebText
@@ -152,7 +152,7 @@ def load_manifest(shard_dir, job: dict, stamps: list) -> dict:
     done = {int(i): counts for i, counts in manifest.get("done", {}).items()}
     return {i: c for i, c in done.items() if c["stamp"] == stamps[i]  # and both files there, the ids of the right size
             and shard_path(shard_dir, i, ".docs.npy").is_file() and shard_path(shard_dir, i, ".bin").is_file()
-            and shard_path(shard_dir, i, ".bin").stat().st_size == c["tokens"] * np.dtype(DTYPE).itemsize}
+            and shard_path(shard_dir, i, ".bin").stat().st_size == c["tokens"] * DTYPE.itemsize}
 
 
 def tokenize_shards(shard_list: list[dict], job: dict, shard_dir: Path, task: dict, workers: int | None,
@@ -249,11 +249,8 @@ def prepare(corpus_spec="shakespeare", tokenizer_path=tokenizer_lib.DEFAULT_TOKE
             val_fraction: float = DEFAULT_VAL_FRACTION, cache_dir=corpus.DEFAULT_CACHE_DIR,
             batch_chars: int = BATCH_CHARS, progress: bool = True, val_tokens: int = DEFAULT_VAL_TOKENS,
             workers: int | None = None) -> dict:
-    """Tokenize a corpus into out_dir/{train,val}.bin and meta.json; return the meta dict.
-
-    workers: processes, each encoding whole shards (None: one per core, at most one per shard; 1:
-    this process, the library's threads on all cores). The files are the same for any number.
-    """
+    """Tokenize a corpus into out_dir/{train,val}.bin and meta.json; return the meta dict. workers: as --workers
+    (1: this process, the library's threads on all cores); the files are the same for any number."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}; fix: pass e.g. --val_fraction 0.05")
     if val_tokens < 0:
@@ -270,7 +267,7 @@ def prepare(corpus_spec="shakespeare", tokenizer_path=tokenizer_lib.DEFAULT_TOKE
     out_dir, described = Path(out_dir), corpus.describe(corpus_spec)
     specs = [corpus_spec] if isinstance(corpus_spec, str) else list(corpus_spec)
     expected = {name: corpus.HUB_CORPORA[name][1] for name in specs if name in corpus.HUB_CORPORA}
-    shard_list, shard_dir = corpus.shards(corpus_spec, cache_dir), out_dir / "shards"
+    shard_list, shard_dir = corpus.shards(corpus_spec), out_dir / "shards"
     job = {"corpus": described, "shards": shard_list, "tokenizer_sha256": tok_sha}
     task = {"tokenizer_path": str(tokenizer_path), "cache_dir": str(cache_dir), "shard_dir": str(shard_dir),
             "batch_chars": batch_chars}
@@ -296,9 +293,8 @@ def prepare(corpus_spec="shakespeare", tokenizer_path=tokenizer_lib.DEFAULT_TOKE
         val = docs[:, 0] < threshold
         n_docs = {"train": int((~val).sum()), "val": int(val.sum())}
         n_tokens = {"train": int(docs[~val, 1].sum()), "val": int(docs[val, 1].sum())}
-        if n_docs["train"] == 0 or n_docs["val"] == 0:
-            empty = "train" if n_docs["train"] == 0 else "val"
-            raise DataError(f"the {empty} split is empty ({len(docs)} documents, val_fraction {val_fraction}, "
+        if empty := [side for side, n in n_docs.items() if n == 0]:
+            raise DataError(f"the {empty[0]} split is empty ({len(docs)} documents, val_fraction {val_fraction}, "
                             f"val_tokens {val_tokens}); fix: use a corpus with more documents or change --val_fraction")
         # 4. the shards, in corpus order, into train.bin and val.bin
         with corpus.atomic_write(out_dir / "train.bin") as train_tmp, corpus.atomic_write(out_dir / "val.bin") as val_tmp:
@@ -307,19 +303,15 @@ def prepare(corpus_spec="shakespeare", tokenizer_path=tokenizer_lib.DEFAULT_TOKE
             # Leaving this block renames both files into place. Drop the old meta first, so that a crash
             # between the renames leaves no meta.json describing files it does not match.
             (out_dir / "meta.json").unlink(missing_ok=True)
-        meta = {
-            "vocab_size": vocab_size, "dtype": np.dtype(DTYPE).name,
-            "train_tokens": n_tokens["train"], "val_tokens": n_tokens["val"],
-            "train_docs": n_docs["train"], "val_docs": n_docs["val"],
-            "chars": sum(d["chars"] for d in done.values()),
-            "tokenizer_sha256": tok_sha,
-            "corpus": described,
-            "split_rule": f"val if zlib.crc32(doc.encode('utf-8')) < {threshold} else train",
-            "val_threshold": threshold,  # is_val(doc, val_fraction) only when val_tokens_cap did not bind
-            "val_fraction": val_fraction, "val_tokens_cap": val_tokens,
-            "eot_id": tokenizer_lib.EOT_ID, "eot_rule": "every document is followed by </s>",
-            "shards": len(shard_list),
-        }
+        meta = {"vocab_size": vocab_size, "dtype": DTYPE.name,
+                "train_tokens": n_tokens["train"], "val_tokens": n_tokens["val"],
+                "train_docs": n_docs["train"], "val_docs": n_docs["val"],
+                "chars": sum(d["chars"] for d in done.values()), "tokenizer_sha256": tok_sha, "corpus": described,
+                "split_rule": f"val if zlib.crc32(doc.encode('utf-8')) < {threshold} else train",
+                "val_threshold": threshold,  # is_val(doc, val_fraction) only when val_tokens_cap did not bind
+                "val_fraction": val_fraction, "val_tokens_cap": val_tokens,
+                "eot_id": tokenizer_lib.EOT_ID, "eot_rule": "every document is followed by </s>",
+                "shards": len(shard_list)}
         with corpus.atomic_write(out_dir / "meta.json") as tmp:
             tmp.write_text(json.dumps(meta, indent=2))
         shutil.rmtree(shard_dir)  # done: the shards are in the two files now
@@ -339,15 +331,14 @@ def load_meta(data_dir=DEFAULT_DATA_DIR) -> dict:
     missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else list(META_KEYS)
     if missing:
         raise DataError(f"{data_dir / 'meta.json'} lacks {', '.join(missing)}; {fix}")
-    dtype = np.dtype(DTYPE)
-    if meta["dtype"] != dtype.name:
-        raise DataError(f"{data_dir / 'meta.json'} says dtype {meta['dtype']}, this code reads {dtype.name}; {fix}")
+    if meta["dtype"] != DTYPE.name:
+        raise DataError(f"{data_dir / 'meta.json'} says dtype {meta['dtype']}, this code reads {DTYPE.name}; {fix}")
     for split in ("train", "val"):
         path, n_tokens = data_dir / f"{split}.bin", meta[f"{split}_tokens"]
         size = path.stat().st_size if path.exists() else None
-        if size != n_tokens * dtype.itemsize:
+        if size != n_tokens * DTYPE.itemsize:
             found = "it is missing" if size is None else f"it has {size:,} bytes"
-            raise DataError(f"{path} should hold {n_tokens:,} tokens ({n_tokens * dtype.itemsize:,} bytes) "
+            raise DataError(f"{path} should hold {n_tokens:,} tokens ({n_tokens * DTYPE.itemsize:,} bytes) "
                             f"but {found}; {fix}")
     return meta
 
@@ -365,9 +356,8 @@ def ensure_data(data_dir=DEFAULT_DATA_DIR, tokenizer_path=tokenizer_lib.DEFAULT_
                 vocab_size: int = tokenizer_lib.DEFAULT_VOCAB_SIZE, cache_dir=corpus.DEFAULT_CACHE_DIR,
                 val_fraction: float = DEFAULT_VAL_FRACTION, val_tokens: int = DEFAULT_VAL_TOKENS,
                 workers: int | None = None) -> dict:
-    """What the trainer calls: train the tokenizer and write the token files if missing (resuming an interrupted
-    run), check that they belong together, to the asked corpus and vocab size; return meta. Never overwrites:
-    a mismatch is a DataError naming what to rerun. Under torchrun: on rank 0, then a barrier."""
+    """What the trainer calls (under torchrun: on rank 0, then a barrier): make the tokenizer and token files if
+    missing, check that they belong together, to this corpus and vocab size; return meta. Never overwrites."""
     tokenizer_path = Path(tokenizer_path)
     if not tokenizer_path.exists():
         tokenizer_lib.train(corpus_spec, vocab_size, tokenizer_path, cache_dir)
@@ -400,7 +390,7 @@ def main(argv=None):
                         help="share of documents in val.bin, chosen by hash (default 0.05)")
     parser.add_argument("--val_tokens", "--val-tokens", type=int, default=DEFAULT_VAL_TOKENS,
                         help="...but val.bin holds at most about this many tokens (default 10,000,000; 0: no cap)")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=int,
                         help="processes encoding shards (default: one per core, at most one per shard)")
     parser.add_argument("--check", action="store_true",
                         help="write nothing: check the token files in --out_dir against meta.json and --tokenizer")

@@ -17,9 +17,9 @@ import argparse
 import importlib.util
 import sys
 import time
+from collections.abc import Iterable
 from importlib import import_module
 from pathlib import Path
-from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -33,9 +33,8 @@ UNK_ID, BOS_ID, EOT_ID = 0, 1, 2  # EOT_ID: "</s>", appended to every document i
 DEFAULT_VOCAB_SIZE = 8192  # 2**13
 MAX_VOCAB_SIZE = 65536  # the token files store uint16
 DEFAULT_TOKENIZER_PATH = "data/tokenizer.json"
-# Train on at most this many characters: plenty for 8192 tokens, hours less on OpenWebText, and far
-# below where the library's 32-bit pair counts overflow (the commonest pair, "Ġ t", passes 2**31
-# after ~100 GB of English). The default corpus is 5 M characters, so this never bites.
+# Train on at most this many characters: plenty for 8192 tokens, hours less on OpenWebText, and far below
+# ~100 GB, where the library's 32-bit pair counts overflow (notes.md §4). The default corpus is 5 M characters.
 DEFAULT_MAX_CHARS = 2_000_000_000
 
 
@@ -43,10 +42,9 @@ def check_vocab_size(vocab_size: int):
     """DataError unless the specials and the 256 bytes fit and every id fits the uint16 token files."""
     smallest = len(SPECIAL_TOKENS) + 256
     if not smallest <= vocab_size <= MAX_VOCAB_SIZE:
-        raise corpus.DataError(
-            f"vocab size {vocab_size} is outside [{smallest}, {MAX_VOCAB_SIZE}] ({len(SPECIAL_TOKENS)} specials "
-            f"+ 256 bytes at least; ids must fit the uint16 token files); fix: pass --vocab_size in that range"
-        )
+        raise corpus.DataError(f"vocab size {vocab_size} is outside [{smallest}, {MAX_VOCAB_SIZE}] "
+                               f"({len(SPECIAL_TOKENS)} specials + 256 bytes at least; ids must fit the uint16 token "
+                               f"files); fix: pass --vocab_size in that range")
 
 
 def new_tokenizer() -> Tokenizer:
@@ -73,13 +71,9 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, s
                 return
 
     tok = new_tokenizer()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen in the corpus or not
-        min_frequency=0,
-        show_progress=show_progress,
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=0,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
+                                  show_progress=show_progress)
     tok.train_from_iterator(counted(docs), trainer)
     if seen["docs"] == 0:
         raise corpus.DataError("the corpus has no text (no non-empty document); fix: point --corpus at files with text")
@@ -138,8 +132,7 @@ def train(corpus_spec="shakespeare", vocab_size: int = DEFAULT_VOCAB_SIZE, out=D
           cache_dir=corpus.DEFAULT_CACHE_DIR, show_progress: bool = False,
           max_chars: int | None = DEFAULT_MAX_CHARS, force: bool = False) -> Tokenizer:
     """Train on a corpus spec and save to `out`; on any error the file at `out` is left as it was. A different
-    tokenizer already at `out` is kept unless force=True: the token files and checkpoints made with it would stop
-    matching (they record its sha256)."""
+    tokenizer already at `out` is kept unless force=True: the files made with it record its sha256."""
     tok = train_tokenizer(corpus.documents(corpus_spec, cache_dir), vocab_size, show_progress, max_chars)
     if Path(out).exists() and not force and Tokenizer.from_str(Path(out).read_text()).to_str() != tok.to_str():
         raise corpus.DataError(f"{out} already holds a different tokenizer; fix: pass --force to replace it "
