@@ -1,9 +1,8 @@
 """Benchmark: LilLM against transformers' LlamaForCausalLM with the same config and the same weights.
 
 Both models are built here from one set of weights (hf.py's mapping) and timed in alternation, step by step,
-so a shared machine slows both alike: read the RATIOS (notes.md, Speed; figures in BENCHMARKS.md). Printed:
-the matmul peak, training-step throughput and MFU per mode, greedy tokens/s at batch 1 and 8 (lilLM's decode
-step eager, compiled, int8) against transformers in float32. On a shared machine, --threads 1.
+so a shared machine slows both alike: read the RATIOS (notes.md, Speed; figures in BENCHMARKS.md) of training
+steps (tokens/s, MFU) and of greedy decoding (lilLM eager, compiled, int8). On a shared machine, --threads 1.
 
     python 06_model/bench.py --threads 1 --steps 2 --modes fp32,fp32+compile   # notes.md's run, ~35 min
     python 06_model/bench.py --only generate --new_tokens 64 --gen_batches 1
@@ -60,7 +59,12 @@ def reference(model):
     return ref
 
 
-def bench_train(model, args, peaks):
+def bench_train(model, args):
+    # Only the dtypes the chosen modes use: a CPU without bf16 matmul units (AVX2) runs bf16 ~50x slower.
+    dtypes = sorted({torch.bfloat16 if m.startswith("bf16") else torch.float32 for m in args.modes}, key=str)
+    peaks = {dt: matmul_peak(dt, args.peak_n) for dt in dtypes}
+    print(f"matmul peak ({args.peak_n}^3): " + ", ".join(f"{str(dt)[6:]} {p / 1e9:.1f} GFLOP/s" for dt, p in peaks.items())
+          + f"; {model.flops_per_token(args.seq) / 1e6:.1f} MFLOP per trained token")
     B, T, V = args.batch, args.seq, model.config.vocab_size
     data = torch.randint(0, V, (B, T + 1))
     x, y = data[:, :-1], data[:, 1:]
@@ -88,8 +92,7 @@ def bench_train(model, args, peaks):
         results[mode] = [B * T / statistics.median(times) for *_, times in runs]
         print(f"{mode:14s} {results[mode][0]:12.0f} {results[mode][1]:10.0f} {results[mode][0] / results[mode][1]:6.2f}", flush=True)
     # On a shared machine the peak itself moves: measured again now, the best of both is the roof.
-    for dt in peaks:
-        peaks[dt] = max(peaks[dt], matmul_peak(dt, args.peak_n))
+    peaks = {dt: max(p, matmul_peak(dt, args.peak_n)) for dt, p in peaks.items()}
     print("MFU against the best matmul peak of start and end (" + ", ".join(
         f"{str(dt)[6:]} {p / 1e9:.1f} GFLOP/s" for dt, p in peaks.items()) + "):")
     for mode, tps in results.items():
@@ -154,12 +157,7 @@ def main():
     print(f"lilLM default config, {model.num_params():,} parameters; torch {torch.__version__}, "
           f"{args.threads} threads, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     if args.only in ("all", "train"):
-        # Only the dtypes the chosen modes use: a CPU without bf16 matmul units (AVX2) runs bf16 ~50x slower.
-        dtypes = {torch.bfloat16 if m.startswith("bf16") else torch.float32 for m in args.modes}
-        peaks = {dt: matmul_peak(dt, args.peak_n) for dt in sorted(dtypes, key=str)}
-        print(f"matmul peak ({args.peak_n}^3): " + ", ".join(f"{str(dt)[6:]} {p / 1e9:.1f} GFLOP/s" for dt, p in peaks.items())
-              + f"; {model.flops_per_token(args.seq) / 1e6:.1f} MFLOP per trained token")
-        bench_train(model, args, peaks)
+        bench_train(model, args)
     if args.only in ("all", "generate"):
         bench_generate(model, args)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")

@@ -4,8 +4,8 @@
     decode:   x_{t+1} ~ sample(model(x_t, start_pos=t)) one new position per step, attending to the cache
     sample:   greedy (temperature 0), or softmax(logits / temperature) cut to the top-k, then to the top-p
 
-Byte-level BPE tokens can end halfway through a UTF-8 character: stream_text waits for the next token
-then (notes.md, Streaming). Left out on purpose: beam search, repetition penalties, dropping finished rows.
+stream_text holds back a token that ends halfway through a UTF-8 character (notes.md, Streaming).
+Left out on purpose: beam search, repetition penalties, dropping finished rows.
 
     python 06_model/generate.py --checkpoint out/ckpt_best --prompt "Once upon a time"
     python 06_model/generate.py --checkpoint out/ckpt_best --prompt "..." --int8 --compile  # fastest on a CPU
@@ -55,9 +55,8 @@ def generate_stream(model, prompts, max_new_tokens: int, temperature: float = 0.
     """Yield, at each decoding step, one entry per prompt: the row's new token id, or None where the row is
     still reading its prompt or has stopped (it produced `stop_id`, or max_new_tokens, or reached max_seq_len).
 
-    prompts: a list of token-id lists, lengths may differ. Ragged batches as in Meta's llama: prefill every
-    row up to the shortest prompt, then step the whole batch one position at a time; where a row still has
-    prompt at that position its prompt token overrides the sample, so one integer start_pos serves all rows.
+    prompts: token-id lists whose lengths may differ. Ragged batches as in Meta's llama: prefill every row up to
+    the shortest prompt, then step the whole batch one position at a time, so one start_pos serves all rows.
     compile: run the one-token steps through torch.compile (compiled once per model, for every position).
     """
     cfg, weight = model.config, model.tok_embeddings.weight
@@ -88,7 +87,7 @@ def generate_stream(model, prompts, max_new_tokens: int, temperature: float = 0.
         for cur in range(min(lengths), total if max_new_tokens > 0 else 0):
             step = _compiled[model] if compile and cur - prev == 1 else model  # the prefill runs eagerly
             logits, _ = step(tokens[:, prev:cur], start_pos=prev, caches=caches)  # (B, cur - prev, vocab)
-            in_prompt = length > cur
+            in_prompt = length > cur  # a row still in its prompt takes its prompt token, not the sample
             nxt = torch.where(in_prompt, tokens[:, cur], sample_next(logits[:, -1], temperature, top_k, top_p, generator))
             tokens[:, cur] = nxt
             new = ~in_prompt & ~done
@@ -103,12 +102,8 @@ def generate_stream(model, prompts, max_new_tokens: int, temperature: float = 0.
 
 def generate(model, prompts, max_new_tokens: int, **sampling) -> list[list[int]]:
     """The new tokens of each row (the stop token included when it was produced); arguments as generate_stream."""
-    out = [[] for _ in prompts]
-    for step in generate_stream(model, prompts, max_new_tokens, **sampling):
-        for row, t in zip(out, step):
-            if t is not None:
-                row.append(t)
-    return out
+    steps = list(generate_stream(model, prompts, max_new_tokens, **sampling))  # one list of B entries per step
+    return [[step[b] for step in steps if step[b] is not None] for b in range(len(prompts))]
 
 
 def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, **sampling):

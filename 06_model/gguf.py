@@ -133,8 +133,8 @@ def main(argv=None):
     ex.add_argument("--out", required=True, help=".gguf file to write")
     ex.add_argument("--type", default="f32", help=f"weights of the matrices: {', '.join(TYPES)} (default f32)")
     ex.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
-                    help="store the chat template the checkpoint carries, if it carries one (chat_template.jinja in "
-                         "its run, an HF export's tokenizer_config.json; a base model has none); --no-chat leaves it out")
+                    help="store the checkpoint's chat template (chat_template.jinja in its run, an HF export's "
+                         "tokenizer_config.json; a base model has none); --no-chat leaves it out")
     args = parser.parse_args(argv)
     with weights.one_line_errors():
         if args.type not in TYPES:  # before loading anything

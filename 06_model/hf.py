@@ -43,8 +43,7 @@ OUR_NAMES = {theirs: ours for ours, theirs in HF_NAMES.items()}
 
 
 def rename(name: str, table: dict) -> str:
-    """A state_dict key through a name table (HF_NAMES, OUR_NAMES, gguf.GGUF_NAMES); a key the table lacks
-    stays as it is, for build_from_state to report."""
+    """A state_dict key through a name table (HF_NAMES, OUR_NAMES, gguf.GGUF_NAMES); one it lacks stays as it is."""
     module, _, param = name.rpartition(".")
     layer = re.search(r"\.(\d+)\.", module)  # layers.3.attention.wq -> layers.{i}.attention.wq, i = 3
     key = module.replace(layer[0], ".{i}.", 1) if layer else module
@@ -107,8 +106,7 @@ def export_hf(model, tokenizer_path, out_dir, dtype: torch.dtype = torch.float32
     (out_dir / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2))
     (out_dir / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}))
     shutil.copyfile(tokenizer_path, out_dir / "tokenizer.json")
-    # pad inside the vocabulary (</s>, as generation_config pads): without one, lm-evaluation-harness adds a
-    # token past the embedding table
+    # pad inside the vocabulary (</s>, as generation_config): without one, lm-evaluation-harness adds a token past it
     special = {key: token for key, (token, _) in SPECIAL.items()} | {"pad_token": "</s>"}
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     (out_dir / "tokenizer_config.json").write_text(json.dumps({

@@ -126,8 +126,7 @@ class LilLM(nn.Module):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, start_pos: int = 0,
                 caches: list | None = None, ignore_index: int = -100):
         """tokens (B, T) -> (logits (B, T, vocab), mean cross-entropy over targets != ignore_index, or None).
-        Token ids are checked where they enter (the data loaders, generate.py), not here: reading their
-        min and max would make a GPU wait for the host at every micro-step."""
+        Token ids are checked where they enter, not here: it would make a GPU wait for the host (notes.md)."""
         B, T = tokens.shape
         if start_pos + T > self.config.max_seq_len:  # plain ints: no sync, and one guard under torch.compile
             raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len {self.config.max_seq_len}")
@@ -137,8 +136,7 @@ class LilLM(nn.Module):
         logits = self.output(self.norm(h))  # (B, T, vocab)
         loss = None
         if targets is not None:
-            # Cross-entropy in float32: under bf16 autocast the logits are bf16 and log-softmax over
-            # 8192 classes loses precision.
+            # In float32: under bf16 autocast the logits are bf16, and log-softmax over 8192 classes loses precision.
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
         return logits, loss
 

@@ -3,11 +3,10 @@
     model.safetensors = { parameter name -> tensor }   the tied output.weight stored once, as tok_embeddings.weight
                         + metadata {"lillm_config": json of ModelConfig, "tokenizer_sha256": of the tokenizer it reads}
 
-No pickle (module paths start with digits; safetensors cannot run code). `load_model` is the one loader of every
-checkpoint kind: this file, a directory holding it (lesson 07's out/ckpt_*/), a Hugging Face export (hf.py), and
-lesson 08's LoRA adapters (adapter.safetensors), merged into the base they name: W + (alpha / r) B A.
-`load_pair` adds the tokenizer, checked once for every command (it fits the vocabulary, it is the one recorded);
-`chat_template` tells a chat model; `one_line_errors` is every command's `error: ...` line (exit code 2).
+No pickle (module paths start with digits; safetensors cannot run code). `load_model` reads every checkpoint kind:
+this file or a directory holding it (lesson 07's out/ckpt_*/), a Hugging Face export (hf.py), lesson 08's LoRA
+adapters (merged into their base). `load_pair` adds the tokenizer, checked to belong to the model; `chat_template`
+tells a chat model; `one_line_errors` is every command's `error: ...` line (exit code 2).
 
 Demo: python 06_model/weights.py
 """
@@ -123,11 +122,9 @@ def load_adapters_merged(path, device="cpu", base=None):
     if fingerprint(state) != meta["base_fingerprint"]:
         raise ValueError(f"{path}: these adapters were trained on another base ({meta['base']}); pass that one")
     with torch.no_grad():
-        for key, a in adapters.items():
-            if key.endswith(".lora_A"):
-                name = key.removesuffix(".lora_A")
-                b = adapters[name + ".lora_B"].to(device)
-                state[name + ".weight"].copy_(state[name + ".weight"] + (meta["alpha"] / meta["rank"]) * (b @ a.to(device)))
+        for name in [k.removesuffix(".lora_A") for k in adapters if k.endswith(".lora_A")]:
+            b, a = adapters[name + ".lora_B"].to(device), adapters[name + ".lora_A"].to(device)
+            state[name + ".weight"] += (meta["alpha"] / meta["rank"]) * (b @ a)
     return model
 
 
