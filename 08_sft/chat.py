@@ -1,17 +1,13 @@
 """Chat with a fine-tuned lilLM in the terminal: multi-turn, streamed token by token, within max_seq_len.
 
-Each turn renders the whole conversation with the chat template (template.py), appends the assistant's
-<r2>, and streams the answer with lesson 06's stream_text (KV-cache sampling, printed as soon as the
-tokens make whole UTF-8 characters) until </s>. The model has max_seq_len positions and nothing beyond
-them, so before each answer the oldest exchanges are dropped (the system message stays) until the
-prompt plus room for max_new_tokens fits.
+Each turn renders the whole conversation with the chat template (template.py) and streams the answer with
+lesson 06's stream_text until </s>. Before each answer the oldest exchanges are dropped (the system message
+stays) until the prompt plus room for max_new_tokens fits the model's window (notes.md §6).
 
-One line of input is one user message; write \\n for a line break inside it ("Who says this?\\nTo be,
-or not to be"). End with Ctrl-D (end of input). --checkpoint takes what sft.py writes (full weights or
-LoRA adapters, loaded merged onto their base), any lilLM checkpoint, or a Hugging Face export directory.
-
-Left out on purpose: keeping the KV cache across turns (each turn re-reads the kept history), editing
-or regenerating turns, a history file.
+One line of input is one user message; write \\n for a line break inside it. End with Ctrl-D. --checkpoint
+takes what sft.py writes (full weights, or LoRA adapters loaded merged onto their base), any lilLM checkpoint,
+or a Hugging Face export directory.
+Left out on purpose: keeping the KV cache across turns, editing or regenerating turns, a history file.
 
 Usage:
     python 08_sft/chat.py --checkpoint out/sft/ckpt_best
@@ -110,9 +106,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)  # one line and exit code 2, as lessons 01 and 07 do
         sys.exit(2)
-    generator = None
-    if args.seed is not None:
-        generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    generator = None if args.seed is None else torch.Generator(device=args.device).manual_seed(args.seed)
     lines = sys.stdin
     if sys.stdin.isatty():
         print(f"{model.num_params():,} parameters, window {model.config.max_seq_len} tokens. One line per message, Ctrl-D to end.")

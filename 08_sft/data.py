@@ -2,16 +2,15 @@
 
     conversation -> ChatFormat.encode_turns -> fit_turns (<= max_seq_len) -> pack (rows <= max_seq_len) -> sft.collate
 
-Conversations are {"messages": [{"role", "content"}, ...]}, one per line of a JSONL file, a Hugging Face
-dataset's "messages" column (lesson 01's hub reader), or the offline instruction set built here from the
-plays, which pair every speech with its speaker and so give questions with short, checkable answers:
+Conversations are {"messages": [{"role", "content"}, ...]}: JSONL lines, a Hugging Face dataset's "messages"
+column, or the offline instruction set built here from the plays, whose speeches name their speakers:
 
     speaker    user: "Who says this?\\n<a line>"          assistant: "<the speaker>"
     continue   user: "Continue this speech:\\n<a line>"   assistant: "<the next line>"
     both       the two as one conversation of two exchanges (multi-turn), sometimes under a system message
 
-Its split is lesson 01's per-document rule: validation conversations come from scenes the base model was
-not pretrained on. Every problem a user can fix is a one-line DataError naming the file and line.
+Validation conversations come from scenes the base model was not pretrained on (lesson 01's split). Every
+problem a user can fix is a one-line DataError naming the file and line.
 Left out on purpose: document masking inside packed rows, dataset mixing weights, dedup (notes.md).
 
 Demo (writes data/sft/{train,val}.jsonl, packs them): python 08_sft/data.py
@@ -53,8 +52,8 @@ def speeches(doc: str) -> list:
 
 
 def conversations(doc: str, rng: random.Random) -> list:
-    """One conversation per speech of at least two lines, of a kind drawn by `rng`. A document that does not
-    start with an ACT/SCENE heading is a cast list or a poem, whose label-like lines are not speeches."""
+    """One conversation per speech of at least two lines, of a kind drawn by `rng`; none from a document without
+    an ACT/SCENE heading (a cast list or a poem, whose label-like lines are not speeches)."""
     if not corpus.HEADING.match(doc):
         return []
     out = []
@@ -107,9 +106,8 @@ def offline_set(data_dir: str, build, name: str, what: str) -> tuple:
 # ---- conversations in -------------------------------------------------------------------------------------
 
 def jsonl_rows(path, what: str, example: str, omitted: str = "the offline set") -> list:
-    """[(where, row)]: every non-blank line of a JSONL file, parsed, with "file:line" for the caller's checks.
-    A missing file, a line that is not JSON or not UTF-8, or a file with no row is a one-line DataError.
-    Lessons 10 and 11 read their pairs and prompts through it too."""
+    """[(where, row)]: every non-blank line of a JSONL file, parsed, with "file:line" for the caller's checks;
+    a one-line DataError for a missing file, a bad line or no row. Lessons 10 and 11 read through it too."""
     path, rows = Path(path), []
     if not path.is_file():
         raise DataError(f"no {what} file at {path}; fix: pass --data FILE.jsonl, or omit it for {omitted}")
@@ -150,9 +148,8 @@ def read_jsonl(path) -> list:
 
 
 def hub_rows(name: str, split: str, limit: int | None, check, column: str | None = None, **load_kwargs) -> list:
-    """check(row, where) of each row of a Hugging Face dataset (the whole row, or one column), streamed through
-    lesson 01's hub reader with its one-line errors; `name` stays the hub path ("json" + data_files= reads local
-    files). Lesson 10 reads its pairs through it."""
+    """check(row, where) of each row (or one column) of a Hugging Face dataset, streamed with lesson 01's one-line
+    hub errors ("json" + data_files= reads local files). Lesson 10 reads its pairs through it."""
     import datasets  # imported here: the offline set never pays for it
 
     out = []

@@ -6,11 +6,10 @@
     loss    = - (1 / N) * sum over targets i of log p(x_{i+1} | x_<=i),   N = targets in the global batch
 
 The same next-token loss as pretraining, counted only where the assistant speaks: the model learns to answer
-and to end its turn with </s>, not to imitate users. Lesson 07's train_step divides by N, counted over the
-whole global batch before the first backward, so a token weighs the same whether its row sits in a short or a
-long micro-batch; the mean of per-micro-batch means would not (the gradient-accumulation bug several trainers
-shipped). The loss alone cannot tell a chat model from a base model (one can lower it on every token and
-never emit </s>), so SFT is also measured by the end-of-turn rate: do greedy answers say something, then stop?
+and to end its turn with </s>, not to imitate users. N is counted over the whole global batch by lesson 07's
+train_step, so a token weighs the same in a short or a long micro-batch (notes.md §1). The loss alone cannot
+tell a chat model from a base model, so SFT is also measured by the end-of-turn rate: do greedy answers say
+something, then stop?
 
 The stage is lesson 07's loop (DDP, AdamW, the schedule, checkpoints, --resume, stop signals) on rows of
 packed conversations (data.py); with --lora only lora.py's adapters train, and a checkpoint holds only them.
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
@@ -54,15 +54,11 @@ def collate(rows: list, pad_id: int) -> tuple:
     """Rows [(ids, mask)] -> (inputs (B, T), targets (B, T)), T = longest row - 1: token t predicts token t + 1,
     and the target is IGNORE where token t + 1 is not an assistant token or is padding. Any pad_id will do: the
     padding comes after a row's last token, where the causal mask hides it from every real position."""
-    T = max(len(ids) for ids, _ in rows) - 1
-    inputs = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
-    targets = torch.full((len(rows), T), IGNORE, dtype=torch.long)  # (B, T)
-    for b, (ids, mask) in enumerate(rows):
-        row = torch.tensor(ids, dtype=torch.long)
-        keep = torch.tensor(mask[1:], dtype=torch.bool)
-        inputs[b, : len(ids) - 1] = row[:-1]
-        targets[b, : len(ids) - 1] = torch.where(keep, row[1:], IGNORE)
-    return inputs, targets
+    inputs = [torch.tensor(ids[:-1], dtype=torch.long) for ids, _ in rows]
+    targets = [torch.where(torch.tensor(mask[1:], dtype=torch.bool), torch.tensor(ids[1:], dtype=torch.long), IGNORE)
+               for ids, mask in rows]
+    return (pad_sequence(inputs, batch_first=True, padding_value=pad_id),  # (B, T)
+            pad_sequence(targets, batch_first=True, padding_value=IGNORE))  # (B, T)
 
 
 def target_logps(model, inputs, targets, temperature: float = 1.0) -> torch.Tensor:

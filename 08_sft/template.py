@@ -1,22 +1,16 @@
 """The chat template: a conversation as token ids, and which of them the model is trained to predict.
 
-A conversation is a list of messages {"role": "system" | "user" | "assistant", "content": str}. Lesson 01
-reserved the special tokens <r0>..<r12> for chat roles; three of them open a turn and </s> closes it:
+A conversation is a list of messages {"role": "system" | "user" | "assistant", "content": str}. Three of
+lesson 01's reserved tokens <r0>..<r12> open a turn, and </s> closes it as it ends a document in pretraining,
+so every generator that stops on </s> stops at the end of an answer (Llama 2's choice; notes.md §1):
 
     <s> <r0> system text </s> <r1> user text </s> <r2> assistant text </s> <r1> ... <r2>
     BOS    system turn          user turn            assistant turn              generation prompt
 
-</s> ends a document in pretraining and a turn here: the same "stop" signal, so every generator that
-stops on </s> (lesson 06's generate, the exported generation_config) stops at the end of an answer with
-no extra setting. Llama 2's chat format made the same choice; Llama 3 added a separate <|eot_id|>.
-
-Supervised fine-tuning trains only the assistant's tokens, the closing </s> included (that is how the
-model learns to stop); the BOS, the role tokens and every system and user token are context, masked out
-of the loss. mask[i] says whether token i is a target.
-
-CHAT_TEMPLATE is the same format as a Jinja template for the Hugging Face export (tokenizer_config.json),
-so transformers' apply_chat_template gives these ids, and its {% generation %} block gives this mask
-(return_assistant_tokens_mask=True). The tests check both.
+mask[i] says whether token i is a target: the assistant's tokens and its closing </s> (how the model learns
+to stop); BOS, the role tokens and every system and user token are context. CHAT_TEMPLATE is the same format
+in Jinja for the Hugging Face export: apply_chat_template gives these ids, and its {% generation %} block this
+mask (return_assistant_tokens_mask=True). The tests check both.
 
 Trap: a tokenizer splits special-token strings out of any text, so a user who types "</s><r2>" would
 forge an assistant turn. Message content that contains a special token's text is refused.
@@ -85,11 +79,8 @@ class ChatFormat:
 
     def encode_turns(self, messages) -> list:
         """One (ids, mask) pair per message: the role token, the content, </s>; mask True on assistant content + </s>.
-
-        Content is encoded alone, without the tokenizer's own special tokens: between two special tokens
-        a byte-level BPE with no prefix space gives the same ids as encoding the whole rendered string,
-        which is what apply_chat_template does.
-        """
+        Content is encoded alone: between special tokens a byte-level BPE gives the ids of the whole rendered
+        string, which is what apply_chat_template encodes."""
         turns = []
         for m in check_messages(messages):
             content = self.tokenizer.encode(m["content"], add_special_tokens=False).ids

@@ -102,8 +102,10 @@ def play_items(scenes: list, rng: dict) -> dict:
         speeches, rendered = sft_data.speeches(doc), render(doc)
         style = label_style(speeches[0][0], doc) if speeches else str
         for p, (text, s, k) in enumerate(rendered):
-            name, speech = speeches[s] if k is not None else (None, None)
-            if k is not None and k >= 1 and len(lines) > 3:  # next_line: a speech's next line, given the window
+            if k is None:  # the blank line between speeches
+                continue
+            name, speech = speeches[s]
+            if k >= 1 and len(lines) > 3:  # next_line: a speech's next line, given the window
                 others = rng["next_line"].sample([x for x in lines if x != text], 3)
                 choices, label = shuffled(text, others, rng["next_line"])
                 chat = {"messages": [{"role": "user", "content": "Continue this speech:\n" + "\n".join(speech[max(0, k - 3) : k])}],
@@ -115,7 +117,7 @@ def play_items(scenes: list, rng: dict) -> dict:
                 chat = {"messages": [{"role": "user", "content": f"Who says this?\n{text}"}], "choices": who}
                 out["speaker"].append({"context": window(rendered, p - 1), "choices": [f"{style(n)}\n{text}" for n in who],
                                        "label": label, "chat": chat})
-            if k is not None and k >= 0 and k == len(speech) - 1 and (m := LAST_WORD.search(text)) and len(m.group(1)) > 1:
+            if k == len(speech) - 1 and (m := LAST_WORD.search(text)) and len(m.group(1)) > 1:
                 head = text[: m.start(1)]  # the last line up to its last word
                 if k == 0 and not head.strip():
                     continue  # a one-word speech: nothing of it to go on
@@ -136,8 +138,7 @@ def build(out_dir=DEFAULT_DIR, corpus_spec="shakespeare", cache_dir=corpus.DEFAU
     for scenes in val_plays:
         for task, rows in play_items(scenes, rng).items():
             items[task] += rows
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)  # atomic_write makes it
     source = corpus.describe(corpus_spec) if docs is None else "documents passed to build()"
     meta = {"source": source, "split": f"01_tokenizer/prepare.py is_val(doc, {val_fraction})",
             "val_scenes": sum(map(len, val_plays)), "plays": len(val_plays), "seed": seed, "max_items": max_items, "tasks": {}}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
@@ -84,9 +85,7 @@ def _plain(model, requests, batch_size: int) -> list:
     L, device, out = model.config.max_seq_len, model.tok_embeddings.weight.device, []
     for i in range(0, len(requests), batch_size):
         rows = [(ctx + cont)[-(L + 1):][:-1] for ctx, cont in requests[i : i + batch_size]]
-        x = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long, device=device)  # (B, T) pad id 0
-        for b, r in enumerate(rows):
-            x[b, : len(r)] = torch.tensor(r)
+        x = pad_sequence([torch.tensor(r) for r in rows], batch_first=True).to(device)  # (B, T) pad id 0
         logits, _ = model(x)  # (B, T, V)
         for b, (r, (_, cont)) in enumerate(zip(rows, requests[i : i + batch_size])):
             out.append(choice_logp(logits, b, len(r) - len(cont), cont))
@@ -103,9 +102,7 @@ def _shared(model, ctx: list, conts: list) -> list:
     ctx_logits, _ = model(torch.tensor([ctx], device=w.device), caches=caches)  # (1, Tc, V)
     for c in caches:  # row 0 holds the context's keys and values: every row starts from them
         c.k[:, : len(ctx)], c.v[:, : len(ctx)] = c.k[:1, : len(ctx)], c.v[:1, : len(ctx)]
-    x = torch.zeros(n, max(map(len, conts)), dtype=torch.long, device=w.device)  # (n, m_max)
-    for j, cont in enumerate(conts):
-        x[j, : len(cont)] = torch.tensor(cont)
+    x = pad_sequence([torch.tensor(cont) for cont in conts], batch_first=True).to(w.device)  # (n, m_max) pad id 0
     logits, _ = model(x, start_pos=len(ctx), caches=caches)  # (n, m_max, V)
     # The first continuation token is predicted by the context's last position, the rest by the choice's own.
     logits = torch.cat([ctx_logits[:, -1:].expand(n, 1, -1), logits], dim=1)  # (n, m_max + 1, V)
