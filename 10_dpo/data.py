@@ -4,12 +4,11 @@
     rows    = ChatFormat.encode(prompt + [chosen]), ChatFormat.encode(prompt + [rejected])   lesson 08's ids and mask
     collate = P pairs -> inputs (2P, T), targets (2P, T): the P chosen rows, then the P rejected rows (TRL's order)
 
-Rows are TRL's columns, from JSONL files or a Hugging Face dataset, as strings or messages (notes.md §4); every
-problem a user can fix is a one-line DataError naming the file and line. The offline set asks lesson 08's two
-questions about lines of the plays, where the better answer is checkable: "Who says this?" (chosen: the speaker,
-rejected: another character of the scene) and "Continue this speech:" (chosen: the next line, rejected: a line
-of another speech of the scene); validation pairs come from the scenes lesson 01 holds out. --sample_from takes
-the rejected answers from the SFT model's own mistakes instead. Reading, splitting, writing: lesson 08's data.py.
+Rows are TRL's columns, from JSONL files or a Hugging Face dataset (notes.md §4); every problem a user can fix
+is a one-line DataError naming the file and line. The offline set asks lesson 08's two questions about lines of
+the plays, where the better answer is checkable: "Who says this?" (rejected: another character of the scene) and
+"Continue this speech:" (rejected: a line of another speech); validation pairs come from lesson 01's held-out
+scenes. --sample_from takes the rejected answers from the SFT model's own mistakes instead.
 Left out on purpose: graded preferences, several rejected answers per prompt, prompt truncation.
 
 Demo (writes data/dpo/{train,val}.jsonl):         python 10_dpo/data.py
@@ -117,13 +116,12 @@ def trl_row(prompt: list, chosen: str, rejected: str, kind: str) -> dict:
 # ---- the offline set: checkable preferences from the plays ----------------------------------------------
 
 def scene_pairs(doc: str, rng: random.Random) -> list:
-    """The pairs of one scene, as TRL rows: per speech of two lines or more, a speaker pair (when the scene has
-    another character) and a continue pair (when another speech has a line to offer)."""
+    """The pairs of one scene, as TRL rows: a speaker pair and a continue pair per speech of two lines or more."""
     if not corpus.HEADING.match(doc):  # cast lists and poems: lesson 08's rule
         return []
     speeches = [(n, ls) for n, ls in sft_data.speeches(doc) if not ROMAN.fullmatch(n.upper())]
     names, out = sorted({n for n, _ in speeches}), []
-    ask = lambda kind, line: [{"role": "user", "content": QUESTIONS[kind] + line}]  # noqa: E731
+    ask = lambda kind, line: [{"role": "user", "content": QUESTIONS[kind] + line}]
     for s, (speaker, lines) in enumerate(speeches):
         if len(lines) < 2:
             continue
@@ -153,8 +151,8 @@ def default_data(data_dir: str) -> tuple:
 # ---- token rows out -------------------------------------------------------------------------------------
 
 def encode_pairs(fmt, pairs: list, max_len: int) -> tuple:
-    """([(chosen (ids, mask), rejected (ids, mask)) per kept pair], [the kept pairs]); a pair whose longer
-    row exceeds max_len tokens is dropped (cutting the prompt could cut the line the answer depends on)."""
+    """([(chosen (ids, mask), rejected (ids, mask))], [pair]) of the pairs whose longer row fits max_len tokens
+    (cutting the prompt could cut the line the answer depends on)."""
     encoded, kept = [], []
     for p in pairs:
         rows = tuple(fmt.encode(p.prompt + [{"role": "assistant", "content": a}]) for a in (p.chosen, p.rejected))
@@ -165,14 +163,12 @@ def encode_pairs(fmt, pairs: list, max_len: int) -> tuple:
 
 
 def collate(encoded: list, pad_id: int) -> tuple:
-    """P encoded pairs -> (inputs (2P, T), targets (2P, T)): rows 0..P-1 the chosen answers, P..2P-1 the
-    rejected ones; targets are IGNORE (-100) outside the answers (lesson 08's collate)."""
+    """P encoded pairs -> (inputs (2P, T), targets (2P, T)) by lesson 08's collate: the P chosen rows first."""
     return sft.collate([c for c, _ in encoded] + [r for _, r in encoded], pad_id)
 
 
 def prompt_chunks(model, fmt, pairs: list, max_new_tokens: int) -> list:
-    """[(pair, prompt ids)] of the pairs whose prompt leaves room in the window for an answer of max_new_tokens, in
-    chunks of the model's max_batch_size: one generate() call each."""
+    """[(pair, prompt ids)] of the pairs whose prompt leaves room for max_new_tokens, in chunks of max_batch_size."""
     todo = [(p, fmt.encode(p.prompt, add_generation_prompt=True)[0]) for p in pairs]
     todo, B = [(p, ids) for p, ids in todo if len(ids) + max_new_tokens <= model.config.max_seq_len], model.config.max_batch_size
     return [todo[i : i + B] for i in range(0, len(todo), B)]
@@ -181,34 +177,31 @@ def prompt_chunks(model, fmt, pairs: list, max_new_tokens: int) -> list:
 # ---- rejections sampled from the model ------------------------------------------------------------------
 
 @torch.no_grad()
-def sample_rejections(model, fmt, pairs: list, samples: int = 4, max_new_tokens: int = 32, temperature: float = 1.0,
-                      seed: int = 0) -> tuple:
-    """(pairs with a sampled wrong answer as `rejected`, counts): for each pair, up to `samples` answers drawn
-    from the model; the first that says something, ends with </s> and differs from the chosen answer is kept.
-    A prompt the model answers right every time has no mistake to push against and is dropped (counted)."""
+def sample_rejections(model, fmt, pairs: list, samples: int = 4, max_new_tokens: int = 32, seed: int = 0) -> tuple:
+    """(pairs with a sampled wrong answer as `rejected`, counts): of up to `samples` answers per prompt, the first
+    that says something, ends with </s> and is not the chosen one. A prompt always answered right is dropped."""
     generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(seed)
-    out, counts = [], {"kept": 0, "always_right": 0}
+    out, tried = [], 0
     for chunk in prompt_chunks(model, fmt, pairs, max_new_tokens):
         wrong = [None] * len(chunk)
         for _ in range(samples):
-            new = generate.generate(model, [ids for _, ids in chunk], max_new_tokens, temperature=temperature,
+            new = generate.generate(model, [ids for _, ids in chunk], max_new_tokens, temperature=1.0,
                                     stop_id=fmt.eot_id, generator=generator)
             for k, ((p, _), answer) in enumerate(zip(chunk, new)):
                 text = fmt.tokenizer.decode(answer)  # the </s> is not text
                 if wrong[k] is None and text.strip() and text.strip() != p.chosen.strip() and answer[-1:] == [fmt.eot_id]:
                     wrong[k] = text
-        for (p, _), text in zip(chunk, wrong):
-            counts["kept" if text else "always_right"] += 1
-            if text:
-                out.append(p._replace(rejected=text, kind=p.kind + "/sampled" if p.kind else "sampled"))
-    return out, counts
+        out += [p._replace(rejected=text, kind=p.kind + "/sampled" if p.kind else "sampled")
+                for (p, _), text in zip(chunk, wrong) if text]
+        tried += len(chunk)
+    return out, {"kept": len(out), "always_right": tried - len(out)}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Build the offline preference set, or rejections sampled from an SFT model.")
     parser.add_argument("--out_dir", default=DEFAULT_DIR, help="where train.jsonl / val.jsonl (and sampled_train.jsonl) go")
-    parser.add_argument("--sample_from", default=None, help="an SFT checkpoint: its wrong answers become the rejected ones")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside the checkpoint, else data/tokenizer.json)")
+    parser.add_argument("--sample_from", help="an SFT checkpoint: its wrong answers become the rejected ones")
+    parser.add_argument("--tokenizer", help="tokenizer.json (default: beside the checkpoint, else data/tokenizer.json)")
     parser.add_argument("--samples", type=int, default=4, help="answers drawn per prompt to find a wrong one")
     parser.add_argument("--limit", type=int, default=2048, help="training prompts to sample for (0: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")

@@ -4,13 +4,11 @@ model and no sampling loop (Rafailov et al., 2023, arXiv:2305.18290).
     r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x))              the implicit reward of answer y to prompt x
     L       = - log sigmoid( r(x, y_w) - r(x, y_l) )              per pair: y_w chosen, y_l rejected
 
-pi is the policy being trained, pi_ref the frozen SFT model it starts from; log pi(y|x) sums the answer's
-token log-probs (lesson 08's mask: the answer and its </s>). beta prices how far the policy may move from the
-reference (notes.md derives L from RLHF's objective, max E[reward] - beta KL(pi || pi_ref)). At initialization
-pi = pi_ref: every reward is 0 and L = ln 2. The reference never changes, so its log-probs are computed once
-per pair, by the SFT model as loaded (before any LoRA adapter exists), and travel with the batches: no second
-model is held while training. The rest is lesson 07's loop through its objective hook (DPOObjective), logging
-TRL's figure names. The pairs: data.py; the closing figures: eval.py.
+pi is the policy being trained, pi_ref the frozen SFT model it starts from; log pi(y|x) sums the answer's token
+log-probs (lesson 08's mask). beta prices how far pi may move from pi_ref (notes.md §1 derives L from RLHF's
+max E[reward] - beta KL(pi || pi_ref)). At initialization pi = pi_ref: every reward is 0 and L = ln 2. The
+reference's log-probs are computed once per pair, before any LoRA adapter exists, and travel with the batches:
+no second model is held. The rest is lesson 07's loop with DPOObjective, logging TRL's figure names.
 
 Commands (after lesson 08, which writes out/sft/ckpt_best):
     python 10_dpo/dpo.py --base out/sft/ckpt_best                   # full fine-tuning on the offline pairs
@@ -60,8 +58,7 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
 
 
 def sequence_logps(model, inputs, targets):
-    """(R,) log pi(answer | prompt) of each row: the sum of its target tokens' log-probs (lesson 08's target_logps).
-    inputs, targets: (R, T) as lesson 08's collate makes them."""
+    """(R,) log pi(answer | prompt) of each row of inputs, targets (R, T): lesson 08's target_logps, summed."""
     return sft.target_logps(model, inputs, targets).sum(dim=1)  # (R,)
 
 
@@ -99,9 +96,8 @@ def by_length(encoded: list, size: int) -> list:
 
 @torch.no_grad()
 def pair_logps(model, encoded: list, chunks: list, run, autocast, pad_id: int) -> torch.Tensor:
-    """(N, 2): log pi of every pair's chosen and rejected answer, by `model` as it is now (before the first step:
-    the reference). The chunks (by_length) are dealt to the ranks like cards; each value is computed by one rank
-    and the others add zeros, so every rank gets the same values whatever the world size."""
+    """(N, 2): log pi of every pair's chosen and rejected answer by `model` as it is now. The chunks are dealt to
+    the ranks like cards and the others add zeros, so every rank gets the same values whatever the world size."""
     out, was_training = torch.zeros(len(encoded), 2, device=run.device), model.training
     model.eval()
     for chunk in chunks[run.rank :: run.world]:
@@ -116,8 +112,8 @@ def pair_logps(model, encoded: list, chunks: list, run, autocast, pad_id: int) -
 
 
 def validate(logps, ref, beta: float) -> dict:
-    """The DPO loss and TRL's figures, means over the validation pairs (logps, ref (N, 2): by pair_logps, the same on
-    every rank), plus val_preference_accuracy: the share of pairs where log pi(chosen) > log pi(rejected)."""
+    """The DPO loss and TRL's figures, means over the validation pairs (logps, ref (N, 2) by pair_logps), plus
+    val_preference_accuracy: the share of pairs where log pi(chosen) > log pi(rejected)."""
     loss, figures = pair_figures(logps.T.flatten().double(), ref.T.flatten().double(), beta)  # (2N,): chosen answers first
     n, preferred = len(logps), (logps[:, 0] > logps[:, 1]).double().mean().item()
     return {"val_loss": loss.item() / n, **{f"val_{k}": v.item() / n for k, v in figures.items()},
@@ -141,7 +137,7 @@ def prefer(cfg: dict, state: dict | None, run) -> dict:
     scoring = time.perf_counter()
     ref = pair_logps(model, encoded, by_length(encoded, B), run, autocast, fmt.eot_id)  # (N, 2)
     val_chunks = by_length(val_encoded, B)  # validation reads the very chunks its reference was computed on
-    score_val = lambda m, r=run: pair_logps(m, val_encoded, val_chunks, r, autocast, fmt.eot_id)  # noqa: E731
+    score_val = lambda m, r=run: pair_logps(m, val_encoded, val_chunks, r, autocast, fmt.eot_id)
     val_ref = score_val(model)  # (N_val, 2)
     scored = time.perf_counter() - scoring
 
@@ -161,11 +157,11 @@ def prefer(cfg: dict, state: dict | None, run) -> dict:
 
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     stage.describe_run(cfg, run, model, [
-        f"SFT model {cfg['base']}: {model.num_params():,} parameters, {n_train:,} trained ({'LoRA' if cfg['lora'] else 'full'}), "
-        f"beta {cfg['beta']}, on {run.device} ({dtype}), {run.world} process(es)",
-        f"pairs: {len(encoded):,} train, {len(val_encoded):,} val (of {len(train_pairs):,} and {len(val_pairs):,}; longer than {max_len} "
-        f"tokens: dropped); global batch = {B} pairs x {A} micro-steps x {run.world} processes; one epoch = "
-        f"{len(encoded) / (B * A * run.world):.1f} steps; the reference scored them in {scored:.1f} s"], template.CHAT_TEMPLATE)
+        (f"SFT model {cfg['base']}: {model.num_params():,} parameters, {n_train:,} trained ({'LoRA' if cfg['lora'] else 'full'}), "
+         f"beta {cfg['beta']}, on {run.device} ({dtype}), {run.world} process(es)"),
+        (f"pairs: {len(encoded):,} train, {len(val_encoded):,} val (of {len(train_pairs):,} and {len(val_pairs):,}; longer than "
+         f"{max_len} tokens: dropped); global batch = {B} pairs x {A} micro-steps x {run.world} processes; one epoch = "
+         f"{len(encoded) / (B * A * run.world):.1f} steps; the reference scored them in {scored:.1f} s")], template.CHAT_TEMPLATE)
     before = state["before"] if state is not None else {}
     if state is None and run.master:
         before = evaluation.sft_figures(model, fmt, val_kept, val_ref, cfg)
@@ -212,7 +208,7 @@ def resolve_config(given: dict, saved: dict | None = None) -> dict:
     return cfg
 
 
-def build(cfg: dict) -> None:  # the offline preference set, when no --data or --hf_dataset is given (stage.build_once)
+def build(cfg: dict) -> None:  # the offline preference set, when no --data or --hf_dataset is given
     if not (cfg["data"] or cfg["hf_dataset"]):
         data.default_data(cfg["data_dir"])
 

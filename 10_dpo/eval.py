@@ -6,8 +6,7 @@ gives on its own, and how far it moved from the SFT model.
     KL estimate               = mean over prompts x of  sum_t KL( pi(. | x, y_<t) || pi_ref(. | x, y_<t) ),  y ~ pi(. | x)
 
 The rewards only compare two given answers; the exact answers ask what the model says on its own; the KL is
-the quantity beta prices (notes.md §1), estimated along the policy's own sampled answers (notes.md §5).
-Used by dpo.py: sft_figures before the first step, report after the last.
+what beta prices (notes.md §1), along the policy's own sampled answers (§5). Used by dpo.py.
 """
 
 from collections import Counter
@@ -34,8 +33,7 @@ def exact_answer_rate(model, fmt, pairs: list, max_new_tokens: int) -> dict:
 
 @torch.no_grad()
 def kl_estimate(policy, reference, fmt, pairs: list, max_new_tokens: int, seed: int = 0) -> float:
-    """KL(pi || pi_ref) per answer, in nats, on the pairs' prompts; answers sampled from the policy at temperature 1.
-    policy, reference: two models in eval mode on one device."""
+    """KL(pi || pi_ref) per answer, in nats, on the pairs' prompts, along answers the policy samples at temperature 1."""
     device, total, n = policy.tok_embeddings.weight.device, 0.0, 0
     generator = torch.Generator(device).manual_seed(seed)
     for chunk in data.prompt_chunks(policy, fmt, pairs, max_new_tokens):
@@ -51,17 +49,16 @@ def kl_estimate(policy, reference, fmt, pairs: list, max_new_tokens: int, seed: 
 
 
 def sft_figures(model, fmt, kept: list, ref: torch.Tensor, cfg: dict) -> dict:
-    """The SFT model's figures, before the first step: its exact answers, and on the validation pairs (ref (N, 2):
-    its log-probs of each chosen and rejected answer) how often it gives the chosen one the higher log-prob."""
+    """The SFT model's figures before the first step: its exact answers, and from its log-probs of the validation
+    pairs (ref (N, 2)) how often the chosen answer is the likelier one."""
     return {"exact": exact_answer_rate(model, fmt, kept[: cfg["eval_prompts"]], cfg["answer_tokens"]),
             "preference_accuracy": (ref[:, 0] > ref[:, 1]).float().mean().item(),
             "logps/chosen": ref[:, 0].mean().item(), "logps/rejected": ref[:, 1].mean().item()}
 
 
 def report(cfg: dict, best, reference, fmt, val: tuple, records: list, best_val_loss: float, before: dict) -> dict:
-    """Print and return the closing figures of a run against `before` (sft_figures): the best checkpoint's validation
-    record (step 0 is the SFT model: rewards 0, loss ln 2), its figures per kind of pair, its exact answers and its KL
-    from the reference. val = (the validation pairs, their reference log-probs (N, 2), the best model's (N, 2))."""
+    """Print and return the best checkpoint's closing figures against `before` (sft_figures): its validation record,
+    its figures per kind of pair, its exact answers and its KL from the reference. val = (pairs, ref (N, 2), logps (N, 2))."""
     kept, ref, logps = val
     best_record = [r for r in records if r.get("val_loss") == best_val_loss][-1]
     after = {k.removeprefix("val_"): v for k, v in best_record.items() if k.startswith("val_")}

@@ -80,7 +80,7 @@ def build(out_dir=DEFAULT_DIR, corpus_spec="shakespeare", cache_dir=corpus.DEFAU
     """Write out_dir/{form}/{train,val}.jsonl for both forms (the same items, two wordings); return the counts.
     The split is lesson 01's per-scene rule: validation items come from the scenes held out of pretraining."""
     docs = list(corpus.documents(corpus_spec, cache_dir) if docs is None else docs)
-    held_out = lambda d: corpus.HEADING.match(d) and prepare.is_val(d, val_fraction)  # noqa: E731
+    held_out = lambda d: corpus.HEADING.match(d) and prepare.is_val(d, val_fraction)
     plays = {"train": bench.plays([d for d in docs if not held_out(d)], 1.0), "val": bench.plays(docs, val_fraction)}
     items = {}
     for split, scene_lists in plays.items():
@@ -109,8 +109,7 @@ def write_sft(path, train_path, count: int, seed: int = 0) -> int:
 
 
 def read_prompts(path) -> list:
-    """[{"messages", "answers"}] of a JSONL file of {"prompt" | "messages", "answer"}; the first bad line is a
-    one-line DataError naming file and line."""
+    """[{"messages", "answers"}] of a JSONL file of {"prompt" | "messages", "answer"}; a bad line is a DataError."""
     rows = sft_data.jsonl_rows(path, "prompt", '{"prompt": ..., "answer": ...}', "the built-in speaker task")
     fix = 'fix: each line must be {"prompt": "...", "answer": "..."} or {"messages": [...], "answer": [...]}'
     items = []
@@ -140,7 +139,7 @@ def task_prompts(cfg: dict, fmt, max_len: int) -> tuple:
     """(train prompts, the fixed validation prompts, their files) of a GRPO run's flags; prompts too long to leave
     max_new_tokens inside the model's window are dropped."""
     train_paths, val_paths = (cfg["data"], cfg["val_data"]) if cfg["data"] else ([p] for p in task_files(cfg["data_dir"], cfg["task"]))
-    fits = lambda item: len(fmt.encode(item["messages"], add_generation_prompt=True)[0]) + cfg["max_new_tokens"] <= max_len  # noqa: E731
+    fits = lambda item: len(fmt.encode(item["messages"], add_generation_prompt=True)[0]) + cfg["max_new_tokens"] <= max_len
     train = [item for path in train_paths for item in read_prompts(path) if fits(item)]
     val = [item for item in spread([item for path in val_paths for item in read_prompts(path)], cfg["eval_prompts"]) if fits(item)]
     if len(train) < cfg["batch_size"] * cfg["grad_accum"] // cfg["group_size"] or len(val) < 2:

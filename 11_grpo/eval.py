@@ -32,7 +32,7 @@ weights = import_module("06_model.weights")
 metrics = import_module("07_pretrain_ddp.metrics")
 template = import_module("08_sft.template")
 data = import_module("11_grpo.data")
-SAMPLING = dict(max_new_tokens=16, temperature=1.0, top_k=0, eval_prompts=256, eval_samples=8, seed=1337)  # GRPO's too
+SAMPLING = {"max_new_tokens": 16, "temperature": 1.0, "top_k": 0, "eval_prompts": 256, "eval_samples": 8, "seed": 1337}  # GRPO's too
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -55,9 +55,8 @@ def answer_text(fmt, ids: list) -> str:
 
 def sample(model, prompts: list, n: int, max_new_tokens: int, temperature: float, top_k: int, stop_id: int,
            seed: int, domain: int, first: int = 0, chunks=None) -> list:
-    """n completions (token ids, </s> included when produced) per prompt: [[ids] * n] per prompt. domain: 0 for
-    rollouts, 1 for evaluation; first: the stream index of prompts[0]; chunks: the chunk indices to do (a rank's
-    share), the others' entries stay None."""
+    """[[ids] * n] per prompt: n completions, </s> included when produced. domain: 0 for rollouts, 1 for evaluation;
+    first: the stream index of prompts[0]; chunks: the chunk indices to do (a rank's share), the others stay None."""
     per = max(1, model.config.max_batch_size // n)  # prompts per generate() call
     out = [None] * len(prompts)
     for j, i in enumerate(range(0, len(prompts), per)):
@@ -68,14 +67,13 @@ def sample(model, prompts: list, n: int, max_new_tokens: int, temperature: float
         generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(seed_j)
         new = generate.generate(model, rows, max_new_tokens, temperature=temperature, top_k=top_k or None,
                                 stop_id=stop_id, generator=generator)
-        for b in range(len(rows) // n):
-            out[i + b] = new[b * n : (b + 1) * n]
+        out[i : i + per] = [new[b : b + n] for b in range(0, len(new), n)]  # each prompt's n completions
     return out
 
 
 def score(model, fmt, items: list, n: int, max_new_tokens: int, temperature: float, top_k: int, seed: int, run=None) -> np.ndarray:
-    """(P, 2): per prompt, its correct samples of n and its greedy answer's reward. Under DDP the chunks are dealt
-    to the ranks and the table summed, so every rank returns the same one."""
+    """(P, 2): per prompt, its correct samples of n and its greedy answer's reward. Under DDP the ranks share the
+    chunks and sum the table, so every rank returns the same one."""
     prompts = [fmt.encode(item["messages"], add_generation_prompt=True)[0] for item in items]
     rank, world = (run.rank, run.world) if run is not None and run.ddp else (0, 1)
     per, B = max(1, model.config.max_batch_size // n), model.config.max_batch_size
@@ -102,7 +100,7 @@ def summarize(table: np.ndarray, n: int, ks=(1,)) -> dict:
 
 def paired(before: np.ndarray, after: np.ndarray, n: int) -> dict:
     """{"pass@1", "pass@n", "greedy": (mean, half-width)} of the per-prompt differences after - before."""
-    per_prompt = lambda t, k: np.array([pass_at_k(n, int(c), k) for c in t[:, 0]]) if k else t[:, 1]  # noqa: E731
+    per_prompt = lambda t, k: np.array([pass_at_k(n, int(c), k) for c in t[:, 0]]) if k else t[:, 1]
     return {name: interval(per_prompt(after, k) - per_prompt(before, k)) for name, k in (("pass@1", 1), (f"pass@{n}", n), ("greedy", 0))}
 
 

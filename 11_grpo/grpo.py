@@ -9,10 +9,9 @@
 Group Relative Policy Optimization (Shao et al., 2024, arXiv:2402.03300), as DeepSeek-R1 trains with it. N counts
 the completion tokens of the whole global batch (DAPO, arXiv:2503.14476); --norm sequence averages over each
 completion's tokens first, as the GRPO paper writes it. A group whose rewards are all equal has A = 0: no gradient.
-eps 0.2 and beta 0 are TRL's defaults; log-probs are those of softmax(logits / temperature), as TRL computes them.
-Each rank rolls out its own prompts every --iterations steps with lesson 06's generate (with more than one, the
-ratio leaves 1 and the clip acts, notes.md §2); the rest is lesson 07's stage (DDP, checkpoints, --resume, one-line
-errors) with full weights or lesson 08's LoRA. Measuring (pass@k), the closing report and the log: eval.py.
+eps 0.2 and beta 0 are TRL's defaults; log-probs are those of softmax(logits / temperature), as in TRL. Each rank
+rolls out its own prompts every --iterations steps (notes.md §2); the rest is lesson 07's stage with full weights
+or lesson 08's LoRA. Measuring (pass@k), the closing report and the log: eval.py.
 
 Commands (after lesson 08's SFT; the warm-up on the task's form first: notes.md §4; figures in BENCHMARKS.md):
     python 11_grpo/grpo.py --base out/sft_choice/ckpt_best  # pass@1 0.058 -> 0.079 (paired +0.021 +- 0.009), 6.5 min
@@ -63,8 +62,8 @@ def k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 def clipped_surrogate(logp, old_logp, advantages, eps: float) -> tuple:
     """(per-token loss -min(rho A, clip(rho, 1-eps, 1+eps) A), where the clip cut the gradient); (B, T), A (B, 1).
-    The min takes the clipped term only where it is the smaller (pessimistic) one: rho above 1+eps with A > 0, or
-    below 1-eps with A < 0. There the term is a constant and the token's gradient is 0: no more push that way."""
+    The clipped term wins the min only for rho > 1+eps with A > 0, or rho < 1-eps with A < 0: there it is a
+    constant, and the token's gradient is 0."""
     ratio = torch.exp(logp - old_logp)
     loss = -torch.min(ratio * advantages, ratio.clamp(1 - eps, 1 + eps) * advantages)
     cut = ((ratio > 1 + eps) & (advantages > 0)) | ((ratio < 1 - eps) & (advantages < 0))
@@ -119,9 +118,8 @@ def rollout(model, reference, fmt, items: list, first: int, cfg: dict, device) -
 
 def rollouts(model, reference, fmt, items: list, sampler, cfg: dict, run, autocast, step: int, train_state: dict, log):
     """fit's micro-batches, one next() per optimizer step: a fresh rollout every `iterations` steps, reused in between.
-    A checkpoint between two rollouts holds the current one (train_state["rollout"], every rank's), so a resumed
-    run continues on the same samples; one on a rollout boundary needs nothing: the next rollout depends only on
-    the weights, the sampler's position and the seed."""
+    A checkpoint between two rollouts holds every rank's current one (train_state["rollout"]) for a resume; one on a
+    rollout boundary needs nothing (notes.md §6)."""
     if step % cfg["iterations"]:  # resumed between two rollouts
         saved = train_state.get("rollout")
         if saved is None or len(saved) != run.world:
@@ -141,7 +139,7 @@ def rollouts(model, reference, fmt, items: list, sampler, cfg: dict, run, autoca
             figures = {"reward": reward / n, "zero_signal": zero / groups, "completion_len": length / n}
             if cfg["iterations"] > 1:  # what a checkpoint inside this rollout must hold
                 mine = ([tuple(None if t is None else t.cpu() for t in b) for b in batches], figures)
-                everyone = [None] * run.world if run.ddp else [mine]
+                everyone = [mine] * run.world  # filled with every rank's under DDP
                 if run.ddp:
                     dist.all_gather_object(everyone, mine)
                 train_state["rollout"] = everyone
@@ -168,10 +166,10 @@ def reinforce(cfg: dict, state: dict | None, run) -> dict:
     train_state.update({k: state[k] for k in ("before", "rollout") if state is not None and k in state})
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     stage.describe_run(cfg, run, model, [
-        f"base {cfg['base']}: {model.num_params():,} parameters, {n_train:,} trained ({'LoRA' if cfg['lora'] else 'full'}), "
-        f"on {run.device} ({dtype}), {run.world} process(es)",
-        f"prompts: {len(train_items):,} train, {len(val_items)} validation from {where}; each step: {per_rank} prompts x "
-        f"{cfg['group_size']} completions x {run.world} processes, {cfg['iterations']} optimizer step(s) per rollout"], template.CHAT_TEMPLATE)
+        (f"base {cfg['base']}: {model.num_params():,} parameters, {n_train:,} trained ({'LoRA' if cfg['lora'] else 'full'}), "
+         f"on {run.device} ({dtype}), {run.world} process(es)"),
+        (f"prompts: {len(train_items):,} train, {len(val_items)} validation from {where}; each step: {per_rank} prompts x {cfg['group_size']} "
+         f"completions x {run.world} processes, {cfg['iterations']} optimizer step(s) per rollout")], template.CHAT_TEMPLATE)
     log = evaluation.RolloutMetrics(Path(cfg["out_dir"]) / "metrics.jsonl", step, run.master)
     n = cfg["eval_samples"]
 
@@ -240,8 +238,7 @@ def resolve_config(given: dict, saved: dict | None = None) -> dict:
     return cfg
 
 
-def build(cfg: dict) -> None:
-    """The built-in task's files, when no --data is given (run through stage.build_once)."""
+def build(cfg: dict) -> None:  # the built-in task's files, when no --data is given
     if not cfg["data"]:
         data.task_files(cfg["data_dir"], cfg["task"])
 
