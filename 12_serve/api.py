@@ -158,12 +158,10 @@ class Reply:
 
     def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False) -> dict:
         """One piece of the stream. Chat: the first chunk carries the role, the last an empty delta."""
-        if self.chat:
-            delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            return self._wrap("chat.completion.chunk", choices=[choice])
-        return self._wrap("text_completion", choices=[{"index": 0, "text": text or "", "logprobs": None,
-                                                       "finish_reason": finish_reason}])
+        delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+        content = {"delta": delta} if self.chat else {"text": text or ""}
+        choice = {"index": 0, **content, "logprobs": None, "finish_reason": finish_reason}
+        return self._wrap("chat.completion.chunk" if self.chat else "text_completion", choices=[choice])
 
     def usage_chunk(self, usage: dict) -> dict:
         return self._wrap("chat.completion.chunk" if self.chat else "text_completion", choices=[], usage=usage)

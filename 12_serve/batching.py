@@ -54,6 +54,7 @@ class Request:
         self.finish_reason = None  # "stop" (stop_id), "length" (max_new_tokens), "cancelled" or "error"
         self.error = None  # with "error": what failed, e.g. "sampling: RuntimeError"
         self.cancelled = False  # set from outside (client gone, stop string seen): the row leaves at the next step
+        self.generator = None  # made at its first sampling, on the model's device
 
 
 class Engine:
@@ -112,9 +113,8 @@ class Engine:
                 self.step()
             except Exception as e:  # the batched step itself failed: no single row owns it, so every row ends
                 traceback.print_exception(e)
-                for req in self.rows:
-                    req.error = f"decode step: {type(e).__name__}"
                 while self.rows:
+                    self.rows[-1].error = f"decode step: {type(e).__name__}"
                     self._leave(len(self.rows) - 1, "error")
 
     @torch.inference_mode()
@@ -135,9 +135,7 @@ class Engine:
         logits = decode_rows(self.model, tokens, self.pos, [k[:n] for k in self.k], [v[:n] for v in self.v])
         self.pos = [p + 1 for p in self.pos]
         self.steps, self.peak_rows = self.steps + 1, max(self.peak_rows, n)
-        ended = self._take(list(range(n)), logits)
-        for i in reversed(ended):  # from the end: the row moved into i is one already looked at
-            self._leave(i, self.rows[i].finish_reason)
+        self._take(0, logits)
 
     def join(self) -> None:
         """This step's prefill, at most prefill_tokens prompt tokens: first the long prompt being filled, then every
@@ -172,7 +170,6 @@ class Engine:
         ids = torch.zeros(len(reqs), max(lengths), dtype=torch.long, device=self.device)  # (m, T) padded after: causal, unseen
         for j, r in enumerate(reqs):
             ids[j, : lengths[j]] = torch.tensor(r.prompt, device=self.device)
-            r.generator = torch.Generator(device=self.device).manual_seed(r.seed)
         try:
             logits, _ = self.model(ids, caches=[RowCache(k, v, i, len(reqs)) for k, v in zip(self.k, self.v)])  # (m, T, V)
         except Exception as e:
@@ -185,9 +182,7 @@ class Engine:
         self.prefilled += sum(lengths)
         self.rows += reqs
         self.pos += lengths
-        last = logits[torch.arange(len(reqs)), torch.tensor(lengths) - 1]  # (m, V) each prompt's last position
-        for j in reversed(self._take(list(range(i, i + len(reqs))), last)):
-            self._leave(j, self.rows[j].finish_reason)
+        self._take(i, logits[torch.arange(len(reqs)), torch.tensor(lengths) - 1])  # (m, V) each prompt's last position
 
     def _fill(self, budget: int) -> int:
         """The next chunk of the long prompt into row max_batch - 1 (at its own positions: lesson 06's start_pos); when
@@ -197,7 +192,6 @@ class Engine:
         if not chunk:
             return budget
         try:
-            req.generator = getattr(req, "generator", None) or torch.Generator(device=self.device).manual_seed(req.seed)
             logits, _ = self.model(torch.tensor([chunk], device=self.device), start_pos=self.filled,
                                    caches=[RowCache(k, v, slot) for k, v in zip(self.k, self.v)])  # (1, chunk, V)
         except Exception as e:
@@ -206,54 +200,52 @@ class Engine:
             return budget
         self.filled, self.prefilled = self.filled + len(chunk), self.prefilled + len(chunk)
         if self.filled == len(req.prompt):  # done: into the next free row, its keys and values copied there
-            i, p = len(self.rows), self.filled
-            if i != slot:
-                for k, v in zip(self.k, self.v):
-                    k[i, :p], v[i, :p] = k[slot, :p], v[slot, :p]
+            self._copy_row(slot, len(self.rows), self.filled)
             self.rows.append(req)
-            self.pos.append(p)
+            self.pos.append(self.filled)
             self.filling = None
-            if self._take([i], logits[:, -1]):
-                self._leave(i, req.finish_reason)
+            self._take(len(self.rows) - 1, logits[:, -1])
         return budget - len(chunk)
 
     def sample(self, req: Request, logits: torch.Tensor) -> int:
         """One row's next id from its logits (vocab,): drawn with the request's own generator (temperature > 0)."""
+        req.generator = req.generator or torch.Generator(device=self.device).manual_seed(req.seed)
         return int(generate.sample_next(logits[None], req.temperature, None, req.top_p, req.generator))
 
-    def _take(self, rows: list, logits: torch.Tensor) -> list:
-        """The next token of each of `rows` from logits (len(rows), V), handed out: every greedy row in one argmax and
-        one transfer, each sampling row with its own generator. Returns the rows that have now ended (stop id,
-        length, or a failure of their own sampling or delivery, which ends that row alone)."""
+    def _take(self, first: int, logits: torch.Tensor) -> None:
+        """The next token of rows first..n-1 from logits (n - first, V), handed out: every greedy row in one argmax and
+        one transfer, each sampling row with its own generator. Then the rows that have ended leave (stop id, length,
+        or a failure of their own sampling or delivery, which ends that row alone)."""
         greedy = logits.argmax(dim=-1).tolist()  # one read for the whole batch
-        ended = []
-        for i, token in zip(rows, greedy):
-            r = self.rows[i]
+        for j, token in enumerate(greedy):
+            r = self.rows[first + j]
             try:
-                r.tokens.append(token if r.temperature == 0 else self.sample(r, logits[i - rows[0]]))
+                r.tokens.append(token if r.temperature == 0 else self.sample(r, logits[j]))
                 r.emit(r.tokens[-1])
             except Exception as e:
                 self._fail(r, "sampling", e)
             if r.finish_reason is None and (r.tokens[-1] == r.stop_id or len(r.tokens) >= r.max_new_tokens):
                 r.finish_reason = "stop" if r.tokens[-1] == r.stop_id else "length"
-            if r.finish_reason is not None:
-                ended.append(i)
-        return ended
+        for i in reversed(range(first, len(self.rows))):  # from the end: the row moved into i is one already looked at
+            if self.rows[i].finish_reason is not None:
+                self._leave(i, self.rows[i].finish_reason)
 
     @staticmethod
-    def _fail(req: Request, stage: str, e: Exception) -> bool:
+    def _fail(req: Request, stage: str, e: Exception) -> None:
         traceback.print_exception(e)  # to the server's log; the request leaves with "error"
         req.finish_reason, req.error = "error", f"{stage}: {type(e).__name__}"
-        return True
+
+    def _copy_row(self, src: int, dst: int, p: int) -> None:
+        """Row src's keys and values at positions 0..p-1 into row dst."""
+        if src != dst:
+            for k, v in zip(self.k, self.v):
+                k[dst, :p], v[dst, :p] = k[src, :p], v[src, :p]
 
     def _leave(self, i: int, reason: str) -> None:
         """Row i leaves; the last row moves into its place (its cache copied), so the rows stay 0..n-1."""
-        req, last = self.rows[i], len(self.rows) - 1
-        if i != last:
-            p = self.pos[last]  # the moved row's keys and values are at positions 0..p-1
-            for k, v in zip(self.k, self.v):
-                k[i, :p], v[i, :p] = k[last, :p], v[last, :p]
-            self.rows[i], self.pos[i] = self.rows[last], p
+        req = self.rows[i]
+        self._copy_row(len(self.rows) - 1, i, self.pos[-1])
+        self.rows[i], self.pos[i] = self.rows[-1], self.pos[-1]
         self.rows.pop()
         self.pos.pop()
         self._end(req, reason)

@@ -8,20 +8,22 @@ at a time (max_batch 1), static batching and continuous batching.
                                                                # and batch-1 decoding (--llama_bench PATH --gguf F: beside llama.cpp's)
     python 12_serve/bench.py --modes one,continuous --clients 1,16,32 --llama_server PATH --gguf out/lillm.gguf
 
-Per mode, serve.py's app runs in this process on a loopback port; from a second process, each of N clients sends --requests greedy
-streaming /v1/completions requests one after the other, each for max_tokens/4..max_tokens tokens (greedy:
-every mode does the same work). Reported: completion tokens / wall time, p50 and p95 time to first text,
-the largest batch, the KV cache (allocated up front), the weights and the process's peak memory. Then, for 16 and
-32 clients, the speed-up continuous batching achieves over one at a time beside the ideal one, B t(1) / t(B)
-from the engine's own decode step at B rows and 1 row (what batching could give if nothing but the decode step
-cost time), also at the rows a decode step held on average (clients come and go, so fewer than B), and the
-median time to first token against a lone request's. --llama_server: the same clients
-against llama.cpp's own server (-np = clients, continuous batching) on lesson 06's GGUF of the same weights.
+Per mode, serve.py's app runs in this process on a loopback port; from a second process, each of N clients sends
+--requests greedy streaming /v1/completions requests one after the other, each for max_tokens/4..max_tokens tokens
+(greedy: every mode does the same work). Reported: completion tokens / wall time, p50 and p95 time to first text, the
+largest batch, the KV cache (allocated up front), the weights and the process's peak memory. Then, for 16 and 32
+clients, continuous batching's speed-up over one at a time beside the ideal B t(1) / t(B) from the engine's own decode
+step at B rows and 1 row (what batching could give if the decode step alone cost time), also at the rows a step held
+on average (clients come and go, so fewer than B), and the median time to first token against a lone request's.
+--llama_server: the same clients against llama.cpp's own server (-np = clients, continuous batching) on lesson 06's
+GGUF of the same weights.
 """
 
 import argparse
 import asyncio
+import contextlib
 import copy
+import functools
 import json
 import multiprocessing
 import random
@@ -76,27 +78,25 @@ async def one_client(http, jobs: list, out: list):
         out.append((start, first or time.perf_counter(), time.perf_counter(), tokens))
 
 
-async def clients(url: str, jobs_per_client: list) -> list:
-    out, limits = [], httpx.Limits(max_connections=len(jobs_per_client) + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-        await asyncio.gather(*(one_client(http, jobs, out) for jobs in jobs_per_client))
-    return out
-
-
 def run_clients(url: str, jobs_per_client: list) -> list:
-    return asyncio.run(clients(url, jobs_per_client))
+    """One client per list of jobs, all at once: the (sent, first text, last token, tokens) of every request."""
+    async def clients():
+        out, limits = [], httpx.Limits(max_connections=len(jobs_per_client) + 4)
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+            await asyncio.gather(*(one_client(http, jobs, out) for jobs in jobs_per_client))
+        return out
+    return asyncio.run(clients())
 
 
-class Clients:
-    """The clients in a process of their own, as a server's clients are: in the server's process their HTTP parsing
-    would take the interpreter lock from the engine's thread (measured: a third of continuous batching's speed-up lost).
-    Times are time.perf_counter(), the system-wide monotonic clock on Linux, so both processes read the same one."""
-
-    def __init__(self):
-        self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-
-    def __call__(self, url: str, jobs_per_client: list) -> list:
-        return self.pool.submit(run_clients, url, jobs_per_client).result()
+def time_clients(url: str, n_clients: int, args) -> tuple:
+    """One warm-up request, then n_clients clients: (their results, wall seconds). The clients run in args.pool, a process
+    of their own, as a server's clients are: in the server's process their HTTP parsing would take the interpreter lock
+    from the engine's thread (measured: a third of continuous batching's speed-up lost). Times are time.perf_counter(),
+    the system-wide monotonic clock on Linux, so both processes read the same one."""
+    args.pool.submit(run_clients, url, [[(args.prompts[0], 2)]]).result()
+    start = time.perf_counter()
+    results = args.pool.submit(run_clients, url, jobs_for(n_clients, args)).result()
+    return results, max(r[2] for r in results) - start
 
 
 def measure(model, tokenizer, mode: str, n_clients: int, args) -> dict:
@@ -104,10 +104,7 @@ def measure(model, tokenizer, mode: str, n_clients: int, args) -> dict:
                              policy="static" if mode == "static" else "continuous")
     running = serve.InThread(serve.create_app(engine, tokenizer, "lillm"))
     try:
-        args.clients_process(running.url, [[(args.prompts[0], 2)]])  # warm up
-        start = time.perf_counter()
-        results = args.clients_process(running.url, jobs_for(n_clients, args))
-        wall = max(r[2] for r in results) - start
+        results, wall = time_clients(running.url, n_clients, args)
     finally:
         running.close()
     kv_mb = sum(k.numel() * k.element_size() * 2 for k in engine.k) / 2**20
@@ -144,17 +141,12 @@ def measure_llama(n_clients: int, args) -> dict:
                                "-a", "lillm"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
+        for _ in range(600):  # until it has loaded the model
+            with contextlib.suppress(httpx.TransportError):
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
                     break
-            except httpx.TransportError:
-                pass
             time.sleep(0.1)
-        args.clients_process(url, [[(args.prompts[0], 2)]])  # warm up
-        start = time.perf_counter()
-        results = args.clients_process(url, jobs_for(n_clients, args))
-        return summary("llama.cpp", n_clients, results, max(r[2] for r in results) - start, n_clients, None)
+        return summary("llama.cpp", n_clients, *time_clients(url, n_clients, args), n_clients, None)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -196,7 +188,7 @@ def batch_one(model, args) -> dict:
     n, out = 128, {}
     for mode in ("eager", "compile", "int8", "int8+compile"):
         m = int8.quantize_int8(copy.deepcopy(model)) if "int8" in mode else model
-        run = lambda: generate.generate(m, [[1]], n, stop_id=None, compile="compile" in mode)  # noqa: E731
+        run = functools.partial(generate.generate, m, [[1]], n, stop_id=None, compile="compile" in mode)
         run()  # warm up (and compile)
         out[mode] = n / min(timed(run) for _ in range(3))
     if args.llama_bench:
@@ -239,7 +231,7 @@ def main(argv=None):
     sizes = [n for n in (1, 2, 4, 8, 16, 32) if n <= args.max_batch]
     if args.limit:
         return limit(model, sizes), batch_one(model, args)
-    args.window, args.clients_process = model.config.max_seq_len, Clients()
+    args.window, args.pool = model.config.max_seq_len, ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     ids, rng = tokenizer.encode(TEXT).ids, random.Random(0)
     lengths = [rng.randint(args.prompt_min, min(args.prompt_max, len(ids), model.config.max_seq_len - args.max_tokens))
                for _ in range(16)]

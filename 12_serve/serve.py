@@ -5,13 +5,14 @@
     python 12_serve/serve.py --checkpoint out/sft/hf --host 0.0.0.0 --api_key SECRET   # reachable from other machines
 
 Any OpenAI client then talks to it: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="SECRET or anything").
-A request (notes.md, 1): checked, rendered (lesson 08's template), queued for the engine (full: 429); the engine's
-thread hands its tokens to the event loop, api.TextStream turns them into text, sent as SSE or whole. Bounds on
-the body, messages, prompt, max_tokens and queue; binds 127.0.0.1. Left out on purpose: TLS, rate limits per key.
+A request (notes.md, 1): checked, rendered (lesson 08's template), queued for the engine (full: 429); its tokens come
+back to the event loop as text (api.TextStream), sent as SSE or whole. Every size a client controls is bounded; binds
+127.0.0.1. Left out on purpose: TLS, rate limits per key.
 """
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import queue
 import secrets
@@ -19,7 +20,6 @@ import socket
 import sys
 import threading
 import time
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
@@ -59,9 +59,7 @@ class Gate:
 
     async def __call__(self, scope, receive, send):
         error = self.check(scope) if scope["type"] == "http" else None
-        if error:
-            return await JSONResponse(error.body(), error.status)(scope, receive, send)
-        await self.app(scope, receive, send)
+        await (JSONResponse(error.body(), error.status) if error else self.app)(scope, receive, send)
 
     def check(self, scope) -> api.APIError | None:
         headers = dict(scope["headers"])
@@ -150,7 +148,7 @@ def create_app(engine, tokenizer, name: str = "lillm", api_key: str | None = Non
     except ValueError:  # a tokenizer without lesson 01's role tokens (an imported Llama): completions only
         fmt = None
 
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def lifespan(app):
         stop = threading.Event()
         thread = threading.Thread(target=engine.run, args=(stop,), name="engine", daemon=True)
@@ -247,15 +245,12 @@ def create_app(engine, tokenizer, name: str = "lillm", api_key: str | None = Non
                                f"{len(ids) + max_tokens} ({len(ids)} in the prompt, {max_tokens} for the completion)",
                                "max_tokens", "context_length_exceeded")
         max_new = max_tokens or min(room, max_tokens_limit)
-        # Bounded: the engine puts at most max_new tokens and one end marker, so however slowly the client reads
-        # (uvicorn stops pulling from the stream while the socket's send buffer is full), nothing grows past that.
+        # Bounded: at most max_new tokens and the end marker, however slowly the client reads (notes.md, 5: slow readers).
         loop, events = asyncio.get_running_loop(), asyncio.Queue(max_new + 1)
 
         def emit(token):  # called on the engine's thread: hand the token to this request's event loop
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop has closed (the server is shutting down): no one listens
                 loop.call_soon_threadsafe(events.put_nowait, token)
-            except RuntimeError:  # the loop has closed (the server is shutting down): no one is listening
-                pass
 
         req = batching.Request(ids, max_new, 1.0 if body.temperature is None else body.temperature, body.top_p,
                                body.seed, stop_id, emit)
