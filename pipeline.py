@@ -9,7 +9,7 @@
     gguf      06  the final chat model as one q8_0 file for llama.cpp and ollama
     serve     12  the server on the final chat model, one streamed answer through the official openai client
 
-    python pipeline.py                      # the cpu preset without a GPU (40-46 min on 2 cores), full with one
+    python pipeline.py                      # the cpu preset without a GPU (~25 min on 2 idle cores), full with one
     python pipeline.py --preset full        # the seed's recipe: OpenWebText, the 39.6M model, torchrun on every GPU
     python pipeline.py --stages sft,dpo     # a subset (the stages before must have run: their outputs are the inputs)
     python pipeline.py --out_dir out/run2   # everything under another directory
@@ -212,7 +212,7 @@ def human(seconds: float) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Run the whole pipeline (tokenizer -> ... -> serving) and write its report card.")
-    parser.add_argument("--preset", choices=["cpu", "full", "tiny"], default=None, help="cpu: 2 cores, 40-46 min; full: the seed's "
+    parser.add_argument("--preset", choices=["cpu", "full", "tiny"], default=None, help="cpu: 2 cores, ~25 min; full: the seed's "
                         "recipe on GPUs; tiny: seconds per stage (tests) [full with a GPU, else cpu]")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--out_dir", default="out/pipeline", help="every stage's outputs, the logs and the report card")

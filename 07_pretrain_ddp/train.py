@@ -9,7 +9,7 @@ Every rank holds the whole model and optimizer and sees other data; DDP averages
 rank takes the same step (notes.md). The global batch is batch_size x max_seq_len x grad_accum x world_size
 tokens. `fit` and `train_step` are every stage's: SFT, DPO, GRPO (08, 10, 11) bring data and an objective.
 
-    python 07_pretrain_ddp/train.py                            # CPU preset, 11-15 min on 2 cores, fresh clone
+    python 07_pretrain_ddp/train.py                            # CPU preset, 8-15 min on 2 cores, fresh clone
     torchrun --standalone --nproc_per_node=8 07_pretrain_ddp/train.py --preset full  # 8 GPUs (grad_accum 4)
     python 07_pretrain_ddp/train.py --resume                   # continue out/ckpt_latest exactly
     python 07_pretrain_ddp/train.py --preset full --dry_run    # the full recipe's code path, tiny, in a minute
