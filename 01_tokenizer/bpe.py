@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from importlib import import_module
-from itertools import accumulate, pairwise
+from itertools import pairwise
 from pathlib import Path
 
 import regex  # the `re` module has no \p{L} / \p{N}
@@ -252,10 +252,13 @@ class ByteLevelBPE:
 
 if __name__ == "__main__":
     corpus = import_module("01_tokenizer.corpus")
-    docs = list(corpus.shakespeare_documents())
-    starts = accumulate(map(len, docs), initial=0)
-    train_docs = [doc for doc, offset in zip(docs, starts) if offset <= 200_000]  # the first ~200 KB of the plays
-    excerpt, specials = sum(map(len, train_docs)), ["<unk>", "<s>", "</s>"]
+    docs = corpus.shakespeare_documents()
+    train_docs, excerpt, specials = [], 0, ["<unk>", "<s>", "</s>"]
+    for doc in docs:  # the first ~200 KB of the plays
+        train_docs.append(doc)
+        excerpt += len(doc)
+        if excerpt > 200_000:
+            break
     start = time.perf_counter()
     plain = train_plain(train_docs, vocab_size=512, special_tokens=specials)
     middle = time.perf_counter()

@@ -303,15 +303,19 @@ def prepare(corpus_spec="shakespeare", tokenizer_path=tokenizer_lib.DEFAULT_TOKE
             # Leaving this block renames both files into place. Drop the old meta first, so that a crash
             # between the renames leaves no meta.json describing files it does not match.
             (out_dir / "meta.json").unlink(missing_ok=True)
-        meta = {"vocab_size": vocab_size, "dtype": DTYPE.name,
-                "train_tokens": n_tokens["train"], "val_tokens": n_tokens["val"],
-                "train_docs": n_docs["train"], "val_docs": n_docs["val"],
-                "chars": sum(d["chars"] for d in done.values()), "tokenizer_sha256": tok_sha, "corpus": described,
-                "split_rule": f"val if zlib.crc32(doc.encode('utf-8')) < {threshold} else train",
-                "val_threshold": threshold,  # is_val(doc, val_fraction) only when val_tokens_cap did not bind
-                "val_fraction": val_fraction, "val_tokens_cap": val_tokens,
-                "eot_id": tokenizer_lib.EOT_ID, "eot_rule": "every document is followed by </s>",
-                "shards": len(shard_list)}
+        meta = {
+            "vocab_size": vocab_size, "dtype": DTYPE.name,
+            "train_tokens": n_tokens["train"], "val_tokens": n_tokens["val"],
+            "train_docs": n_docs["train"], "val_docs": n_docs["val"],
+            "chars": sum(d["chars"] for d in done.values()),
+            "tokenizer_sha256": tok_sha,
+            "corpus": described,
+            "split_rule": f"val if zlib.crc32(doc.encode('utf-8')) < {threshold} else train",
+            "val_threshold": threshold,  # is_val(doc, val_fraction) only when val_tokens_cap did not bind
+            "val_fraction": val_fraction, "val_tokens_cap": val_tokens,
+            "eot_id": tokenizer_lib.EOT_ID, "eot_rule": "every document is followed by </s>",
+            "shards": len(shard_list),
+        }
         with corpus.atomic_write(out_dir / "meta.json") as tmp:
             tmp.write_text(json.dumps(meta, indent=2))
         shutil.rmtree(shard_dir)  # done: the shards are in the two files now

@@ -71,9 +71,13 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, s
                 return
 
     tok = new_tokenizer()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=0,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
-                                  show_progress=show_progress)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen in the corpus or not
+        min_frequency=0,
+        show_progress=show_progress,
+    )
     tok.train_from_iterator(counted(docs), trainer)
     if seen["docs"] == 0:
         raise corpus.DataError("the corpus has no text (no non-empty document); fix: point --corpus at files with text")

@@ -102,8 +102,12 @@ def generate_stream(model, prompts, max_new_tokens: int, temperature: float = 0.
 
 def generate(model, prompts, max_new_tokens: int, **sampling) -> list[list[int]]:
     """The new tokens of each row (the stop token included when it was produced); arguments as generate_stream."""
-    steps = list(generate_stream(model, prompts, max_new_tokens, **sampling))  # one list of B entries per step
-    return [[step[b] for step in steps if step[b] is not None] for b in range(len(prompts))]
+    out = [[] for _ in prompts]
+    for step in generate_stream(model, prompts, max_new_tokens, **sampling):
+        for row, t in zip(out, step):
+            if t is not None:
+                row.append(t)
+    return out
 
 
 def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, **sampling):

@@ -59,7 +59,9 @@ class Gate:
 
     async def __call__(self, scope, receive, send):
         error = self.check(scope) if scope["type"] == "http" else None
-        await (JSONResponse(error.body(), error.status) if error else self.app)(scope, receive, send)
+        if error:
+            return await JSONResponse(error.body(), error.status)(scope, receive, send)
+        await self.app(scope, receive, send)
 
     def check(self, scope) -> api.APIError | None:
         headers = dict(scope["headers"])
