@@ -35,6 +35,7 @@ bpe = import_module("01_tokenizer.bpe")
 corpus = import_module("01_tokenizer.corpus")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
 prepare = import_module("01_tokenizer.prepare")
+shards = import_module("01_tokenizer.shards")
 
 
 def timed(fn, repeat: int = 1):
@@ -130,7 +131,7 @@ def bench_prepare(docs: list[str], tok_path: Path, work: Path, scale: int, parqu
     for k in range(8):
         part = (docs * n)[k::8]  # every shard a mix of the whole corpus
         pq.write_table(pa.table({"text": part}), shard_dir / f"{k}.parquet", row_group_size=64)
-    n_workers = min(workers or prepare.cpu_count(), 8)
+    n_workers = min(workers or shards.cpu_count(), 8)
     throughput("At scale, in 8 parquet shards", f"({n_workers} worker processes)", docs, n,
                str(shard_dir / "*.parquet"), tok_path, work / "xp", workers)
 

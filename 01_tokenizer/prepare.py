@@ -8,7 +8,7 @@
     T = min(ceil(val_fraction * 2**32), the crc32 at which val, filled in crc32 order, reaches val_tokens)
 
 The split hangs on the document's own bytes: the same on every run and machine, and a document that
-occurs twice lands on one side only. At scale a pool of processes encodes whole shards (corpus.shards)
+occurs twice lands on one side only. At scale a pool of processes encodes whole shards (shards.py)
 into OUT_DIR/shards/, a manifest records the finished ones so that a rerun redoes only the others,
 and the shards are concatenated in corpus order: the files are the same for any number of workers.
 Every file appears complete or not at all (notes.md §7). Left out on purpose: shuffling, deduplication.
@@ -17,36 +17,28 @@ Demo (writes data/shakespeare/, training data/tokenizer.json first if missing): 
 """
 
 import argparse
-import fcntl
 import json
-import multiprocessing
-import os
 import shutil
-import signal
 import sys
 import time
 import zlib
-from array import array
-from contextlib import contextmanager
 from importlib import import_module
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 corpus = import_module("01_tokenizer.corpus")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
+shards = import_module("01_tokenizer.shards")  # the pool, the manifest, the lock
 
 DataError = corpus.DataError  # what load_meta and ensure_data raise; callers catch prepare.DataError
-DTYPE = np.dtype(np.uint16)
+DTYPE = shards.DTYPE  # uint16: any id of a vocab of at most 65,536
 DEFAULT_DATA_DIR = "data/shakespeare"
 DEFAULT_VAL_FRACTION = 0.05  # 36 of the default corpus' 790 scenes
 DEFAULT_VAL_TOKENS = 10_000_000  # ...but at most ~10 M tokens: 0.1% of OpenWebText
-BATCH_CHARS = 1 << 20  # ~1 MB of text per encode call: all cores busy, ~150 MB peak RSS (4 MB: ~360 MB, no faster)
 COPY_TOKENS = 1 << 24  # concatenate in 32 MB pieces: memory stays flat whatever the shard size
 META_KEYS = ("vocab_size", "dtype", "train_tokens", "val_tokens", "train_docs", "val_docs",
              "tokenizer_sha256", "corpus", "split_rule", "eot_id")
@@ -70,169 +62,14 @@ def val_threshold(docs: np.ndarray, val_fraction: float, val_tokens: int) -> int
     return threshold
 
 
-# ---------------------------------------------------------------- one shard -> its own two files
-
-def shard_path(shard_dir, index: int, suffix: str) -> Path:
-    return Path(shard_dir) / f"{index:05d}{suffix}"  # 00042.bin: ids; 00042.docs.npy: (documents, 2) crc32, tokens
-
-
-_progress = None  # set per process: called with (documents, characters) after every batch
-
-
-def encode_shard(task: dict) -> dict:
-    """Tokenize one shard into its two files, each written under a temporary name; return its counts."""
-    tok = tokenizer_lib.load_tokenizer(task["tokenizer_path"])  # per shard: milliseconds, never a stale one
-    rows, chars = 0, 0
-    crcs, counts = array("I"), array("I")  # per document: crc32, tokens with </s> (4 bytes each)
-    with corpus.atomic_write(shard_path(task["shard_dir"], task["index"], ".bin")) as tmp, open(tmp, "wb") as out:
-        batch, size = [], 0
-        for doc in chain(corpus.shard_documents(task["shard"], task["cache_dir"]), [None]):  # None: the end
-            if doc is not None:
-                rows += 1
-                if doc.strip():
-                    batch.append(doc)
-                    size += len(doc)
-                if size < task["batch_chars"]:
-                    continue
-            if batch:
-                encodings = tok.encode_batch_fast(batch, add_special_tokens=False)  # Rust; all cores in-process
-                ids = [e.ids + [tokenizer_lib.EOT_ID] for e in encodings]
-                np.fromiter(chain.from_iterable(ids), dtype=DTYPE, count=sum(map(len, ids))).tofile(out)
-                crcs.extend(zlib.crc32(d.encode("utf-8")) for d in batch)
-                counts.extend(map(len, ids))
-                _progress(len(batch), size)
-                chars += size
-                batch, size = [], 0
-    docs = np.stack([np.frombuffer(crcs, np.uint32), np.frombuffer(counts, np.uint32)], axis=1)  # (documents, 2)
-    with corpus.atomic_write(shard_path(task["shard_dir"], task["index"], ".docs.npy")) as tmp, open(tmp, "wb") as f:
-        np.save(f, docs)
-    return {"index": task["index"], "rows": rows, "docs": len(docs), "tokens": int(docs[:, 1].sum()), "chars": chars,
-            "stamp": task["stamp"]}
-
-
-def _init_worker(counters):
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallel across processes, one thread each
-    os.environ["USE_TORCH"] = "0"  # else datasets imports torch (~1 s a worker) to know its tensors: text only here
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process' to handle
-    global _progress
-
-    def progress(docs: int, chars: int):
-        with counters.get_lock():
-            counters[0] += docs
-            counters[1] += chars
-
-    _progress = progress
-
-
-# ---------------------------------------------------------------- the shards of a job: a manifest, a pool, a lock
-
-def cpu_count() -> int:
-    """The cores this process may use (os.sched_getaffinity where there is one: Linux; containers limit it)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def file_stamp(shard: dict) -> list | None:
-    """[bytes, mtime_ns] of a shard's local file (None for the hub): an edited file's shard is redone."""
-    files = shard.get("load", {}).get("data_files", [shard.get("path")])
-    path = files[0] if isinstance(files, list) else None
-    return [os.stat(path).st_size, os.stat(path).st_mtime_ns] if path and Path(path).exists() else None
-
-
-def load_manifest(shard_dir, job: dict, stamps: list) -> dict:
-    """{index: counts} of the shards already done for this very job (corpus, shards, tokenizer) whose
-    input file is unchanged (stamps[index]). Files of another job and half-written files are deleted."""
-    path = Path(shard_dir) / "manifest.json"
-    manifest = json.loads(path.read_text()) if path.exists() else {}
-    if manifest.get("job") != job:
-        for stale in Path(shard_dir).glob("[0-9]*"):
-            stale.unlink()
-        manifest = {}
-    for tmp in Path(shard_dir).glob(".*.tmp"):  # left by a killed worker
-        tmp.unlink()
-    done = {int(i): counts for i, counts in manifest.get("done", {}).items()}
-    return {i: c for i, c in done.items() if c["stamp"] == stamps[i]  # and both files there, the ids of the right size
-            and shard_path(shard_dir, i, ".docs.npy").is_file() and shard_path(shard_dir, i, ".bin").is_file()
-            and shard_path(shard_dir, i, ".bin").stat().st_size == c["tokens"] * DTYPE.itemsize}
-
-
-def tokenize_shards(shard_list: list[dict], job: dict, shard_dir: Path, task: dict, workers: int | None,
-                    total: int | None, progress: bool) -> dict:
-    """encode_shard every shard not done yet, on `workers` spawned processes (in this one when 1), recording
-    each in the manifest as it finishes; return {index: counts} of all. A worker's error is raised here."""
-    global _progress
-    stamps = [file_stamp(shard) for shard in shard_list]
-    done = load_manifest(shard_dir, job, stamps)  # what an interrupted run of this very job finished
-    todo = [{**task, "index": i, "shard": shard_list[i], "stamp": stamps[i]}
-            for i in range(len(shard_list)) if i not in done]
-    workers = min(workers or cpu_count(), max(len(todo), 1))
-    if done and progress:
-        print(f"resuming: {len(done)} of {len(shard_list)} shards were already tokenized in {shard_dir}")
-    bar = tqdm(desc=f"tokenizing {job['corpus']}", unit="doc", unit_scale=True, total=total, disable=not progress)
-    start, chars = time.perf_counter(), [0]
-
-    def on_progress(docs: int, size: int):
-        chars[0] += size
-        bar.update(docs)
-        bar.set_postfix_str(f"{len(done)}/{len(shard_list)} shards, {workers} workers, "
-                            f"{chars[0] / (time.perf_counter() - start) / 1e6:.2f} MB/s", refresh=False)
-
-    def on_done(result: dict):  # the shard's files are in place: only now may the manifest list it
-        done[result.pop("index")] = result
-        with corpus.atomic_write(shard_dir / "manifest.json") as tmp:
-            tmp.write_text(json.dumps({"job": job, "done": {str(i): done[i] for i in sorted(done)}}, indent=1))
-        on_progress(0, 0)
-
-    with bar:
-        if workers == 1:
-            _progress = on_progress
-            for one in todo:
-                on_done(encode_shard(one))
-            return done
-        ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked Rust thread pools or locks
-        counters = ctx.Array("q", 2)  # shared memory: documents and characters done by all workers
-        reported = [0, 0]
-        try:
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(counters,)) as pool:
-                pending = [pool.apply_async(encode_shard, (one,)) for one in todo]
-                while pending:
-                    pending[0].wait(timeout=0.2)
-                    now = counters[:]
-                    on_progress(now[0] - reported[0], now[1] - reported[1])
-                    reported = now
-                    for result in [r for r in pending if r.ready()]:
-                        pending.remove(result)
-                        on_done(result.get())  # re-raises the worker's exception
-                pool.close()  # all done: let the workers exit (leaving the block on an error kills them)
-                pool.join()
-        finally:  # leaving the Pool block terminated the workers: remove what they were writing
-            for tmp in shard_dir.glob(".*.tmp"):
-                tmp.unlink(missing_ok=True)
-    return done
-
-
-@contextmanager
-def locked(lock_path, holder: str):
-    """An exclusive flock on lock_path while the block runs; a process that finds it held says that it waits for
-    `holder`, then waits. The lock goes with the file descriptor, also when its process is killed: never stale."""
-    lock_path = Path(lock_path)
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for {holder}", file=sys.stderr)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
 def concatenate(shard_dir, count: int, threshold: int, files: dict) -> None:
     """Append every document of shards 0..count-1 to files["val"] if its crc32 < threshold, else to
     files["train"], in order; runs of neighbouring documents on one side are copied in one go."""
     for i in range(count):
-        docs = np.load(shard_path(shard_dir, i, ".docs.npy"))
+        docs = np.load(shards.shard_path(shard_dir, i, ".docs.npy"))
         if len(docs) == 0:
             continue
-        tokens = np.memmap(shard_path(shard_dir, i, ".bin"), dtype=DTYPE, mode="r")
+        tokens = np.memmap(shards.shard_path(shard_dir, i, ".bin"), dtype=DTYPE, mode="r")
         ends = np.cumsum(docs[:, 1], dtype=np.int64)
         is_val = docs[:, 0] < threshold
         cuts = np.flatnonzero(is_val[1:] != is_val[:-1]) + 1  # where a run of one side ends
@@ -247,7 +84,7 @@ def concatenate(shard_dir, count: int, threshold: int, files: dict) -> None:
 
 def prepare(corpus_spec="shakespeare", tokenizer_path=tokenizer_lib.DEFAULT_TOKENIZER_PATH, out_dir=DEFAULT_DATA_DIR,
             val_fraction: float = DEFAULT_VAL_FRACTION, cache_dir=corpus.DEFAULT_CACHE_DIR,
-            batch_chars: int = BATCH_CHARS, progress: bool = True, val_tokens: int = DEFAULT_VAL_TOKENS,
+            batch_chars: int = shards.BATCH_CHARS, progress: bool = True, val_tokens: int = DEFAULT_VAL_TOKENS,
             workers: int | None = None) -> dict:
     """Tokenize a corpus into out_dir/{train,val}.bin and meta.json; return the meta dict. workers: as --workers
     (1: this process, the library's threads on all cores); the files are the same for any number."""
@@ -272,10 +109,10 @@ def prepare(corpus_spec="shakespeare", tokenizer_path=tokenizer_lib.DEFAULT_TOKE
     task = {"tokenizer_path": str(tokenizer_path), "cache_dir": str(cache_dir), "shard_dir": str(shard_dir),
             "batch_chars": batch_chars}
 
-    with locked(shard_dir / "lock", f"another prepare.py writing {out_dir}"):  # it would mix shards
+    with shards.locked(shard_dir / "lock", f"another prepare.py writing {out_dir}"):  # it would mix shards
         # 1. every shard into its own files, by a pool of processes; resumes an interrupted run
         total = sum(expected.values()) if len(expected) == len(specs) else None  # known: the bar has an ETA
-        done = tokenize_shards(shard_list, job, shard_dir, task, workers, total, progress)
+        done = shards.tokenize_shards(shard_list, job, shard_dir, task, workers, total, progress)
         # 2. a partial or changed copy of a named corpus must not train silently
         for name, count in expected.items():
             rows = sum(done[i]["rows"] for i, shard in enumerate(shard_list) if shard["spec"] == name)
@@ -288,7 +125,7 @@ def prepare(corpus_spec="shakespeare", tokenizer_path=tokenizer_lib.DEFAULT_TOKE
             raise DataError(f"the corpus {described!r} has no text (no non-empty document); "
                             f"fix: point --corpus at files with text")
         # 3. the split: one crc32 threshold for the whole corpus, from every document's crc32 and length
-        docs = np.concatenate([np.load(shard_path(shard_dir, i, ".docs.npy")) for i in range(len(shard_list))])
+        docs = np.concatenate([np.load(shards.shard_path(shard_dir, i, ".docs.npy")) for i in range(len(shard_list))])
         threshold = val_threshold(docs, val_fraction, val_tokens)
         val = docs[:, 0] < threshold
         n_docs = {"train": int((~val).sum()), "val": int(val.sum())}

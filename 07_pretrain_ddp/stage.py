@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one imp
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 corpus = import_module("01_tokenizer.corpus")
-prepare = import_module("01_tokenizer.prepare")  # its flock: one builder per filesystem
+shards = import_module("01_tokenizer.shards")  # its flock: one builder per filesystem
 lillm = import_module("06_model.model")
 weights = import_module("06_model.weights")
 checkpoint = import_module("07_pretrain_ddp.checkpoint")
@@ -287,7 +287,7 @@ def build_once(directory, build) -> None:
     group exists: of those that share a filesystem (a node's ranks, or every node's on a shared one) the first
     builds and the others, once they hold the lock, find the files there (build must skip what exists). No
     collective waits meanwhile, so no timeout applies; the lock dies with its holder, never left stale."""
-    with prepare.locked(Path(directory) / ".build.lock", f"another process building {directory}"):
+    with shards.locked(Path(directory) / ".build.lock", f"another process building {directory}"):
         build()
 
 

@@ -30,6 +30,7 @@ bpe = import_module("01_tokenizer.bpe")
 corpus = import_module("01_tokenizer.corpus")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
 prepare = import_module("01_tokenizer.prepare")
+shards = import_module("01_tokenizer.shards")
 DataError = corpus.DataError
 
 
@@ -548,7 +549,7 @@ def test_any_number_of_workers_writes_the_same_files(excerpt, small_tokenizer, t
 
 def test_a_rerun_after_a_crash_redoes_only_the_unfinished_shards(excerpt, small_tokenizer, tmp_path, monkeypatch):
     spec, out = split_into_files(excerpt[0], tmp_path / "corpus"), tmp_path / "out"
-    read, encode = corpus.shard_documents, prepare.encode_shard
+    read, encode = corpus.shard_documents, shards.encode_shard
 
     def crash_inside_the_third(shard, cache_dir):
         docs = read(shard, cache_dir)
@@ -565,7 +566,7 @@ def test_a_rerun_after_a_crash_redoes_only_the_unfinished_shards(excerpt, small_
 
     monkeypatch.setattr(corpus, "shard_documents", read)
     encoded = []
-    monkeypatch.setattr(prepare, "encode_shard", lambda task: encoded.append(task["index"]) or encode(task))
+    monkeypatch.setattr(shards, "encode_shard", lambda task: encoded.append(task["index"]) or encode(task))
     meta = prepare.prepare(spec, small_tokenizer, out, val_fraction=0.2, batch_chars=2_000, workers=1, progress=False)
     assert encoded == [2, 3], "the finished shards are kept, the others redone"
     monkeypatch.undo()  # the pool's workers need the real encode_shard
