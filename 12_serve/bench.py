@@ -14,7 +14,8 @@ Per mode, serve.py's app runs in this process on a loopback port; from a second 
 largest batch, the KV cache (allocated up front), the weights and the process's peak memory. Then, for 16 and 32
 clients, continuous batching's speed-up over one at a time beside the ideal B t(1) / t(B) from the engine's own decode
 step at B rows and 1 row (what batching could give if the decode step alone cost time), also at the rows a step held
-on average (clients come and go, so fewer than B), and the median time to first token against a lone request's.
+on average (clients come and go, so fewer than B), and with the prefills as measured (Amdahl: batching shortens the
+decoding, not the prefills, which are compute-bound already), and the median time to first token against a lone one's.
 --llama_server: the same clients against llama.cpp's own server (-np = clients, continuous batching) on lesson 06's
 GGUF of the same weights.
 """
@@ -104,6 +105,13 @@ def time_clients(url: str, n_clients: int, args) -> tuple:
 def measure(model, tokenizer, mode: str, n_clients: int, args) -> dict:
     engine = batching.Engine(model, max_batch=1 if mode == "one" else args.max_batch, max_waiting=256,
                              policy="static" if mode == "static" else "continuous")
+    join, prefill = engine.join, [0.0]
+
+    def timed_join():  # every prefill of a step runs in join(): its seconds, for the ideal with prefill in main()
+        start = time.perf_counter()
+        join()
+        prefill[0] += time.perf_counter() - start
+    engine.join = timed_join
     running = serve.InThread(serve.create_app(engine, tokenizer, "lillm"))
     try:
         results, wall = time_clients(running.url, n_clients, args)
@@ -114,7 +122,7 @@ def measure(model, tokenizer, mode: str, n_clients: int, args) -> dict:
     # free its cache by hand, or every mode's cache would stay in memory until the end.
     engine.k.clear()
     engine.v.clear()
-    return summary(mode, n_clients, results, wall, engine.peak_rows, round(kv_mb, 1), engine.steps)
+    return {**summary(mode, n_clients, results, wall, engine.peak_rows, round(kv_mb, 1), engine.steps), "prefill_s": round(prefill[0], 2)}
 
 
 def summary(mode: str, n_clients: int, results: list, wall: float, peak_batch, kv_mb, steps=None) -> dict:
@@ -249,7 +257,8 @@ def main(argv=None):
             rows.append(r := measure_llama(n, args) if mode == "llama.cpp" else measure(model, tokenizer, mode, n, args))
             print(f"{mode:>10} {n:>7} {r['tokens']:>6} {r['seconds']:>7.1f} {r['tokens_per_s']:>8.1f} "
                   f"{r['ttft_p50_s']:>8.3f} {r['ttft_p95_s']:>8.3f} {r['peak_batch']:>5} {r['kv_cache_mb'] or '-':>6}", flush=True)
-    by, ttft = ({(r["mode"], r["clients"]): r[key] for r in rows} for key in ("tokens_per_s", "ttft_p50_s"))
+    by, ttft, secs, pre = ({(r["mode"], r["clients"]): r.get(key) for r in rows}
+                           for key in ("tokens_per_s", "ttft_p50_s", "seconds", "prefill_s"))
     rows_of = {r["clients"]: r["mean_rows"] for r in rows if r["mode"] == "continuous"}
     occupied = {max(1, round(m)) for n, m in rows_of.items() if n in (16, 32)}
     step = decode_step_times(model, sorted({1} | {n for n in (16, 32) if n <= args.max_batch} | occupied))
@@ -260,6 +269,12 @@ def main(argv=None):
             print(f"{n} clients: continuous batching / one at a time = {got:.2f}x aggregate tokens/s; ideal "
                   f"B t(1)/t(B) = {ideal:.2f}x: {100 * got / ideal:.0f}% of it; at the {rows_of[n]:.1f} rows a step held on "
                   f"average, {m} t(1)/t({m}) = {m * step[1] / step[m]:.2f}x: {100 * got / (m * step[1] / step[m]):.0f}% of it")
+            # Amdahl: batching shortens the rest of one at a time's wall time by the ideal, not the prefills (compute-bound)
+            one_s, one_pre, cont_pre = secs["one", n], pre["one", n], pre["continuous", n]
+            bound = one_s / (cont_pre + (one_s - one_pre) / ideal)
+            print(f"{n} clients: prefill took {one_pre:.1f} of {one_s:.1f} s one at a time and {cont_pre:.1f} of "
+                  f"{secs['continuous', n]:.1f} s continuous; with the prefills as measured the ideal is "
+                  f"{bound:.2f}x: {100 * got / bound:.0f}% of it")
         if ("continuous", n) in ttft and ("continuous", 1) in ttft:
             print(f"{n} clients: median time to first token {ttft['continuous', n] * 1e3:.0f} ms, "
                   f"{ttft['continuous', n] / ttft['continuous', 1]:.2f}x a lone request's ({ttft['continuous', 1] * 1e3:.0f} ms)")
