@@ -26,6 +26,7 @@ import queue
 import secrets
 import sys
 import threading
+import time
 import traceback
 from importlib import import_module
 from pathlib import Path
@@ -82,6 +83,7 @@ class Engine:
         self.k = [torch.zeros(shape, dtype=weight.dtype, device=self.device) for _ in model.layers]
         self.v = [torch.zeros_like(k) for k in self.k]
         self.steps = self.peak_rows = self.prefilled = 0  # decode steps, most rows in one step, prompt tokens of the last step
+        self.prefill_seconds = 0.0  # spent in join(), where every prefill runs (bench.py: prefill's share)
 
     def submit(self, req: Request) -> None:
         cfg = self.model.config
@@ -125,9 +127,10 @@ class Engine:
                 self._leave(i, "cancelled")
         if self.filling is not None and self.filling.cancelled:
             self.filling = self._end(self.filling, "cancelled")
-        self.prefilled = 0
+        self.prefilled, start = 0, time.perf_counter()
         if self.policy == "continuous" or not self.rows:
             self.join()
+        self.prefill_seconds += time.perf_counter() - start
         if not self.rows:
             return
         n = len(self.rows)
@@ -297,7 +300,6 @@ class RowCache:
 
 if __name__ == "__main__":
     import random
-    import time
 
     torch.manual_seed(0)
     torch.set_num_threads(1)  # a fair, steady comparison on a shared machine

@@ -105,13 +105,6 @@ def time_clients(url: str, n_clients: int, args) -> tuple:
 def measure(model, tokenizer, mode: str, n_clients: int, args) -> dict:
     engine = batching.Engine(model, max_batch=1 if mode == "one" else args.max_batch, max_waiting=256,
                              policy="static" if mode == "static" else "continuous")
-    join, prefill = engine.join, [0.0]
-
-    def timed_join():  # every prefill of a step runs in join(): its seconds, for the ideal with prefill in main()
-        start = time.perf_counter()
-        join()
-        prefill[0] += time.perf_counter() - start
-    engine.join = timed_join
     running = serve.InThread(serve.create_app(engine, tokenizer, "lillm"))
     try:
         results, wall = time_clients(running.url, n_clients, args)
@@ -122,7 +115,7 @@ def measure(model, tokenizer, mode: str, n_clients: int, args) -> dict:
     # free its cache by hand, or every mode's cache would stay in memory until the end.
     engine.k.clear()
     engine.v.clear()
-    return {**summary(mode, n_clients, results, wall, engine.peak_rows, round(kv_mb, 1), engine.steps), "prefill_s": round(prefill[0], 2)}
+    return {**summary(mode, n_clients, results, wall, engine.peak_rows, round(kv_mb, 1), engine.steps), "prefill_s": round(engine.prefill_seconds, 2)}
 
 
 def summary(mode: str, n_clients: int, results: list, wall: float, peak_batch, kv_mb, steps=None) -> dict:
