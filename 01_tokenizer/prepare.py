@@ -30,11 +30,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+commands = import_module("01_tokenizer.commands")
 corpus = import_module("01_tokenizer.corpus")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
 shards = import_module("01_tokenizer.shards")  # the pool, the manifest, the lock
 
-DataError = corpus.DataError  # what load_meta and ensure_data raise; callers catch prepare.DataError
+DataError = commands.DataError  # what load_meta and ensure_data raise; callers catch prepare.DataError
 DTYPE = shards.DTYPE  # uint16: any id of a vocab of at most 65,536
 DEFAULT_DATA_DIR = "data/shakespeare"
 DEFAULT_VAL_FRACTION = 0.05  # 36 of the default corpus' 790 scenes
@@ -134,7 +135,7 @@ def prepare(corpus_spec="shakespeare", tokenizer_path=tokenizer_lib.DEFAULT_TOKE
             raise DataError(f"the {empty[0]} split is empty ({len(docs)} documents, val_fraction {val_fraction}, "
                             f"val_tokens {val_tokens}); fix: use a corpus with more documents or change --val_fraction")
         # 4. the shards, in corpus order, into train.bin and val.bin
-        with corpus.atomic_write(out_dir / "train.bin") as train_tmp, corpus.atomic_write(out_dir / "val.bin") as val_tmp:
+        with commands.atomic_write(out_dir / "train.bin") as train_tmp, commands.atomic_write(out_dir / "val.bin") as val_tmp:
             with open(train_tmp, "wb") as train_file, open(val_tmp, "wb") as val_file:
                 concatenate(shard_dir, len(shard_list), threshold, {"train": train_file, "val": val_file})
             # Leaving this block renames both files into place. Drop the old meta first, so that a crash
@@ -153,7 +154,7 @@ def prepare(corpus_spec="shakespeare", tokenizer_path=tokenizer_lib.DEFAULT_TOKE
             "eot_id": tokenizer_lib.EOT_ID, "eot_rule": "every document is followed by </s>",
             "shards": len(shard_list),
         }
-        with corpus.atomic_write(out_dir / "meta.json") as tmp:
+        with commands.atomic_write(out_dir / "meta.json") as tmp:
             tmp.write_text(json.dumps(meta, indent=2))
         shutil.rmtree(shard_dir)  # done: the shards are in the two files now
     return meta
@@ -263,4 +264,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    corpus.exit_on_data_error(main)
+    commands.exit_on_data_error(main)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+commands = import_module("01_tokenizer.commands")
 corpus = import_module("01_tokenizer.corpus")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
 
@@ -48,7 +49,7 @@ def encode_shard(task: dict) -> dict:
     tok = tokenizer_lib.load_tokenizer(task["tokenizer_path"])  # per shard: milliseconds, never a stale one
     rows, chars = 0, 0
     crcs, counts = array("I"), array("I")  # per document: crc32, tokens with </s> (4 bytes each)
-    with corpus.atomic_write(shard_path(task["shard_dir"], task["index"], ".bin")) as tmp, open(tmp, "wb") as out:
+    with commands.atomic_write(shard_path(task["shard_dir"], task["index"], ".bin")) as tmp, open(tmp, "wb") as out:
         batch, size = [], 0
         for doc in chain(corpus.shard_documents(task["shard"], task["cache_dir"]), [None]):  # None: the end
             if doc is not None:
@@ -68,7 +69,7 @@ def encode_shard(task: dict) -> dict:
                 chars += size
                 batch, size = [], 0
     docs = np.stack([np.frombuffer(crcs, np.uint32), np.frombuffer(counts, np.uint32)], axis=1)  # (documents, 2)
-    with corpus.atomic_write(shard_path(task["shard_dir"], task["index"], ".docs.npy")) as tmp, open(tmp, "wb") as f:
+    with commands.atomic_write(shard_path(task["shard_dir"], task["index"], ".docs.npy")) as tmp, open(tmp, "wb") as f:
         np.save(f, docs)
     return {"index": task["index"], "rows": rows, "docs": len(docs), "tokens": int(docs[:, 1].sum()), "chars": chars,
             "stamp": task["stamp"]}
@@ -142,7 +143,7 @@ def tokenize_shards(shard_list: list[dict], job: dict, shard_dir: Path, task: di
 
     def on_done(result: dict):  # the shard's files are in place: only now may the manifest list it
         done[result.pop("index")] = result
-        with corpus.atomic_write(shard_dir / "manifest.json") as tmp:
+        with commands.atomic_write(shard_dir / "manifest.json") as tmp:
             tmp.write_text(json.dumps({"job": job, "done": {str(i): done[i] for i in sorted(done)}}, indent=1))
         on_progress(0, 0)
 

@@ -26,6 +26,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+commands = import_module("01_tokenizer.commands")
 corpus = import_module("01_tokenizer.corpus")
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"] + [f"<r{i}>" for i in range(13)]  # ids 0..15, in this order
@@ -42,7 +43,7 @@ def check_vocab_size(vocab_size: int):
     """DataError unless the specials and the 256 bytes fit and every id fits the uint16 token files."""
     smallest = len(SPECIAL_TOKENS) + 256
     if not smallest <= vocab_size <= MAX_VOCAB_SIZE:
-        raise corpus.DataError(f"vocab size {vocab_size} is outside [{smallest}, {MAX_VOCAB_SIZE}] "
+        raise commands.DataError(f"vocab size {vocab_size} is outside [{smallest}, {MAX_VOCAB_SIZE}] "
                                f"({len(SPECIAL_TOKENS)} specials + 256 bytes at least; ids must fit the uint16 token "
                                f"files); fix: pass --vocab_size in that range")
 
@@ -80,7 +81,7 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, s
     )
     tok.train_from_iterator(counted(docs), trainer)
     if seen["docs"] == 0:
-        raise corpus.DataError("the corpus has no text (no non-empty document); fix: point --corpus at files with text")
+        raise commands.DataError("the corpus has no text (no non-empty document); fix: point --corpus at files with text")
     specials = [tok.id_to_token(i) for i in range(len(SPECIAL_TOKENS))]
     assert specials == SPECIAL_TOKENS, f"special tokens must be ids 0..15, got {specials}"
     return tok
@@ -88,19 +89,19 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, s
 
 def save_tokenizer(tok: Tokenizer, path):
     """Write tokenizer.json atomically: complete or not at all."""
-    with corpus.atomic_write(path) as tmp:
+    with commands.atomic_write(path) as tmp:
         tok.save(str(tmp))
 
 
 def load_tokenizer(path=DEFAULT_TOKENIZER_PATH) -> Tokenizer:
     """Tokenizer.from_file, with a one-line DataError for a missing or unreadable file."""
     if not Path(path).is_file():
-        raise corpus.DataError(f"no tokenizer at {path}; fix: python 01_tokenizer/tokenizer.py --out {path}")
+        raise commands.DataError(f"no tokenizer at {path}; fix: python 01_tokenizer/tokenizer.py --out {path}")
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the library raises a bare Exception for malformed JSON
         reason = str(e).splitlines()[0][:120]
-        raise corpus.DataError(f"{path} is not a tokenizer.json ({reason}); fix: delete it and retrain") from None
+        raise commands.DataError(f"{path} is not a tokenizer.json ({reason}); fix: delete it and retrain") from None
 
 
 def load_hf_tokenizer(path=DEFAULT_TOKENIZER_PATH):
@@ -129,7 +130,7 @@ def token_byte_lengths(tok: Tokenizer, vocab_size: int | None = None):
 
 def tokenizer_sha256(path=DEFAULT_TOKENIZER_PATH) -> str:
     """sha256 of tokenizer.json's bytes: meta.json and checkpoints record it to catch a swapped tokenizer."""
-    return corpus.sha256_file(path)
+    return commands.sha256_file(path)
 
 
 def train(corpus_spec="shakespeare", vocab_size: int = DEFAULT_VOCAB_SIZE, out=DEFAULT_TOKENIZER_PATH,
@@ -139,7 +140,7 @@ def train(corpus_spec="shakespeare", vocab_size: int = DEFAULT_VOCAB_SIZE, out=D
     tokenizer already at `out` is kept unless force=True: the files made with it record its sha256."""
     tok = train_tokenizer(corpus.documents(corpus_spec, cache_dir), vocab_size, show_progress, max_chars)
     if Path(out).exists() and not force and Tokenizer.from_str(Path(out).read_text()).to_str() != tok.to_str():
-        raise corpus.DataError(f"{out} already holds a different tokenizer; fix: pass --force to replace it "
+        raise commands.DataError(f"{out} already holds a different tokenizer; fix: pass --force to replace it "
                                "(then rerun prepare.py for its token files) or choose another --out")
     save_tokenizer(tok, out)
     return tok
@@ -172,4 +173,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    corpus.exit_on_data_error(main)
+    commands.exit_on_data_error(main)

@@ -30,6 +30,7 @@ import gguf  # noqa: E402  the format's own Python writer, reader and quantizer 
 
 weights = import_module("06_model.weights")
 hf = import_module("06_model.hf")
+commands = import_module("01_tokenizer.commands")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
 
 Q = gguf.GGMLQuantizationType
@@ -92,7 +93,7 @@ def export_gguf(model, tokenizer_path, out_path, type_name: str = "f32", chat_te
     cfg, state = model.config, weights.float_state(model)
     tokens, types, merges = read_vocab(tokenizer_path, cfg.vocab_size)
     out_path = Path(out_path)
-    with tokenizer_lib.corpus.atomic_write(out_path) as tmp:
+    with commands.atomic_write(out_path) as tmp:
         w = gguf.GGUFWriter(str(tmp), "llama")  # writes general.architecture = "llama"
         for add, value in [  # the metadata: the config, then the whole tokenizer
             (w.add_name, "lilLM"), (w.add_file_type, file_type), (w.add_vocab_size, cfg.vocab_size),

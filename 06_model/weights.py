@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+commands = import_module("01_tokenizer.commands")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
 lillm = import_module("06_model.model")
 
@@ -37,7 +38,7 @@ HOW_TO_GET_ONE = ("train one (`python 07_pretrain_ddp/train.py` pretrains, `pyth
 def write_safetensors(tensors: dict, path, metadata: dict) -> None:
     """safetensors' save_file, atomically (lesson 01's atomic_write: a crash never leaves half a file under the
     real name). The library creates its files 0600; they get the umask's mode, as any other file."""
-    with tokenizer_lib.corpus.atomic_write(path) as tmp:
+    with commands.atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
         umask = os.umask(0)  # reading the umask means setting it; put it back at once
         os.umask(umask)
@@ -193,7 +194,7 @@ def chat_template(checkpoint) -> str | None:
     return None
 
 
-one_line_errors = tokenizer_lib.corpus.one_line_errors  # lesson 01's: `error: <one line>`, exit code 2
+one_line_errors = commands.one_line_errors  # lesson 01's: `error: <one line>`, exit code 2
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-corpus = import_module("01_tokenizer.corpus")
+commands = import_module("01_tokenizer.commands")
 shards = import_module("01_tokenizer.shards")  # its flock: one builder per filesystem
 lillm = import_module("06_model.model")
 weights = import_module("06_model.weights")
@@ -325,14 +325,14 @@ def main(given: dict, resolve_fn, build, stage):
                 cfg = resolve_fn(given, state["config"])
             result = stage(cfg, state, run)
             if run.master:
-                with corpus.atomic_write(Path(cfg["out_dir"]) / "summary.json") as tmp:
+                with commands.atomic_write(Path(cfg["out_dir"]) / "summary.json") as tmp:
                     tmp.write_text(json.dumps(result, indent=2, default=float) + "\n")
             return result
 
 
 def one_line_errors():
     """Lesson 01's one-line errors (exit code 2), with the trainer's own error classes."""
-    return corpus.one_line_errors(TrainError, checkpoint.CheckpointError)
+    return commands.one_line_errors(TrainError, checkpoint.CheckpointError)
 
 
 def start_model(cfg: dict, state: dict | None, run, model, adapt=None, load=None):

@@ -26,11 +26,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+commands = import_module("01_tokenizer.commands")
 corpus = import_module("01_tokenizer.corpus")
 prepare = import_module("01_tokenizer.prepare")
 template = import_module("08_sft.template")
 
-DataError = corpus.DataError
+DataError = commands.DataError
 DEFAULT_DIR = "data/sft"
 # A speech is a block: the speaker's label on its own line ("KING HENRY.", "Ham.", "LYSANDER"), then its lines.
 SPEAKER = re.compile(r"(?:[A-Z][A-Za-z'-]*\.? ?){1,3}")
@@ -80,7 +81,7 @@ def write_splits(rows: dict, out_dir, what: str, corpus_spec) -> dict:
         raise DataError(f"{corpus_spec} gave {len(rows['train'])} train and {len(rows['val'])} val {what}s; "
                         "fix: use a corpus of plays (speaker label on its own line, then the speech)")
     for name, items in rows.items():
-        with corpus.atomic_write(Path(out_dir) / f"{name}.jsonl") as tmp:
+        with commands.atomic_write(Path(out_dir) / f"{name}.jsonl") as tmp:
             tmp.write_text("".join(json.dumps(x) + "\n" for x in items))
     return {name: len(items) for name, items in rows.items()}
 
@@ -262,4 +263,4 @@ if __name__ == "__main__":
         assert all(len(ids) <= 256 for ids, _ in rows) and all(c[-1]["role"] == "assistant" for c in convs)
         print("checked: every conversation ends with an answer, and no packed row crosses 256 tokens")
 
-    corpus.exit_on_data_error(demo)
+    commands.exit_on_data_error(demo)

@@ -26,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+commands = import_module("01_tokenizer.commands")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
-corpus = import_module("01_tokenizer.corpus")
 
 ROLE_TOKENS = {"system": "<r0>", "user": "<r1>", "assistant": "<r2>"}  # role -> the token that opens its turn
 BOS, EOT = "<s>", "</s>"  # start of conversation; end of turn (lesson 01's end of document)
@@ -113,4 +113,4 @@ if __name__ == "__main__":
         assert ids[-1] == fmt.eot_id and mask[-1] and not any(mask[: len(ids) - sum(mask)])
         print(f"checked: {sum(mask)} of {len(ids)} tokens are targets, exactly the assistant's answer and its closing </s>")
 
-    corpus.exit_on_data_error(demo)
+    commands.exit_on_data_error(demo)

@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+commands = import_module("01_tokenizer.commands")
 corpus = import_module("01_tokenizer.corpus")
 prepare = import_module("01_tokenizer.prepare")
 sft_data = import_module("08_sft.data")
@@ -149,11 +150,11 @@ def build(out_dir=DEFAULT_DIR, corpus_spec="shakespeare", cache_dir=corpus.DEFAU
         if len(rows) > max_items:  # a sample, kept in corpus order
             rows = [rows[i] for i in sorted(random.Random(f"{seed}/{task}/sample").sample(range(len(rows)), max_items))]
         text = "".join(json.dumps({"id": f"{task}-{i:04d}", **row}) + "\n" for i, row in enumerate(rows))
-        with corpus.atomic_write(out_dir / f"{task}.jsonl") as tmp:
+        with commands.atomic_write(out_dir / f"{task}.jsonl") as tmp:
             tmp.write_text(text)
         meta["tasks"][task] = {**TASKS[task], "file": f"{task}.jsonl", "items": len(rows), "available": available,
                                "sha256": hashlib.sha256(text.encode()).hexdigest()}
-    with corpus.atomic_write(out_dir / "meta.json") as tmp:
+    with commands.atomic_write(out_dir / "meta.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -186,4 +187,4 @@ if __name__ == "__main__":
         assert all(info["items"] >= 500 for info in meta["tasks"].values()), "every task needs 500 items"
         print(f"checked: {meta['val_scenes']} validation scenes of {meta['plays']} plays give 500+ items per task")
 
-    corpus.exit_on_data_error(demo)
+    commands.exit_on_data_error(demo)

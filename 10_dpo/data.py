@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+commands = import_module("01_tokenizer.commands")
 corpus = import_module("01_tokenizer.corpus")
 prepare = import_module("01_tokenizer.prepare")
 generate = import_module("06_model.generate")
@@ -37,7 +38,7 @@ template = import_module("08_sft.template")
 sft_data = import_module("08_sft.data")  # speeches, the JSONL and hub readers, the held-out split, the offline set
 sft = import_module("08_sft.sft")  # collate: lesson 08's answer mask
 
-DataError = corpus.DataError
+DataError = commands.DataError
 DEFAULT_DIR = "data/dpo"
 QUESTIONS = {"speaker": "Who says this?\n", "continue": "Continue this speech:\n"}  # lesson 08's wording
 ROMAN = re.compile(r"[IVXL]+")  # "Ii", "Iv": act numbers the speech parser can take for labels (lesson 09 skips them too)
@@ -215,7 +216,7 @@ def main(argv=None) -> None:
         pairs = random.Random(args.seed).sample(pairs, min(len(pairs), args.limit or len(pairs)))
         sampled, counts = sample_rejections(model.eval(), template.ChatFormat(tok), pairs, args.samples, seed=args.seed)
         out = Path(args.out_dir) / "sampled_train.jsonl"
-        with corpus.atomic_write(out) as tmp:
+        with commands.atomic_write(out) as tmp:
             tmp.write_text("".join(json.dumps(trl_row(*p)) + "\n" for p in sampled))
         print(f"wrote {out}: {counts['kept']:,} pairs with a sampled wrong answer, {counts['always_right']:,} prompts "
               f"answered right in all {args.samples} samples (dropped); train with\n"

@@ -30,13 +30,14 @@ import regex  # Unicode classes (\p{L}), which `re` lacks; lesson 01's BPE uses 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+commands = import_module("01_tokenizer.commands")
 corpus = import_module("01_tokenizer.corpus")
 prepare = import_module("01_tokenizer.prepare")
 template = import_module("08_sft.template")
 sft_data = import_module("08_sft.data")  # the speech parser, the JSONL reader, the offline-set writer
 bench = import_module("09_eval.data")  # plays of scenes, the distractor draw
 
-DataError = corpus.DataError
+DataError = commands.DataError
 FORMS = ("choice", "open")
 DEFAULT_DIR = "data/grpo"
 NOT_WORD = regex.compile(r"[^\p{L}\p{N}\p{M}]+")  # a run of anything but letters, digits and combining marks
@@ -102,7 +103,7 @@ def write_sft(path, train_path, count: int, seed: int = 0) -> int:
     """Write `count` of the task's training prompts with their answers as lesson 08 conversations (its --data)."""
     items = read_prompts(train_path)
     picked = random.Random(f"{seed}/grpo/sft").sample(items, min(count, len(items)))
-    with corpus.atomic_write(path) as tmp:
+    with commands.atomic_write(path) as tmp:
         tmp.write_text("".join(json.dumps({"messages": it["messages"] + [{"role": "assistant", "content": it["answers"][0]}]}) + "\n"
                                for it in picked))
     return len(picked)
@@ -168,4 +169,4 @@ if __name__ == "__main__":
             n = write_sft(path, Path(args.data_dir) / args.form / "train.jsonl", args.sft)
             print(f"wrote {path}: {n:,} conversations for lesson 08 (python 08_sft/sft.py --data {path})")
 
-    corpus.exit_on_data_error(demo)
+    commands.exit_on_data_error(demo)

@@ -26,12 +26,13 @@ from tokenizers import Tokenizer, models
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = ROOT / "data" / "cache"  # shared with the lesson's own commands, so CI downloads once
+commands = import_module("01_tokenizer.commands")
 bpe = import_module("01_tokenizer.bpe")
 corpus = import_module("01_tokenizer.corpus")
 tokenizer_lib = import_module("01_tokenizer.tokenizer")
 prepare = import_module("01_tokenizer.prepare")
 shards = import_module("01_tokenizer.shards")
-DataError = corpus.DataError
+DataError = commands.DataError
 
 
 # ---------------------------------------------------------------- fixtures
