@@ -1,5 +1,6 @@
 """The OpenAI API's shape: what a request may hold (checked where it enters), the answer objects and their
-stream chunks, OpenAI's error body, and TextStream (token ids -> text pieces, linear in the answer).
+stream chunks, OpenAI's error body (every error of the server answers in it: add_error_handlers; the Gate checks
+the API key and the body's size before any route), and TextStream (token ids -> text pieces, linear in the answer).
 
 Every field is checked here, so that nothing a client sends can fail later inside the engine, beside
 other requests: a known role, valid Unicode, a seed in [0, 2**63), at most 4 stop strings of 256
@@ -7,14 +8,19 @@ characters. Fields lilLM does not use are ignored; n > 1, logprobs and tools are
 """
 
 import json
+import secrets
 import time
 import uuid
 from typing import Annotated, Literal
 
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from starlette.exceptions import HTTPException
 
 ROLES = ("system", "user", "assistant")  # lesson 08's template: the roles a chat may hold
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256
+UNION_TAGS = ("str", "int", "float", "bool", "list", "dict")  # pydantic's names for the members of a union
 
 
 class APIError(Exception):
@@ -170,3 +176,57 @@ class Reply:
 def sse(obj) -> str:
     """One Server-Sent Event: `data: <json>` and a blank line (the event's end)."""
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class Gate:
+    """Runs before any route, on the raw request: the API key on /v1/*, and the body's declared size."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        error = self.check(scope) if scope["type"] == "http" else None
+        if error:
+            return await JSONResponse(error.body(), error.status)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def check(self, scope) -> APIError | None:
+        headers = dict(scope["headers"])
+        if self.api_key and scope["path"].startswith("/v1/"):
+            given = headers.get(b"authorization", b"")
+            if not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):  # constant time
+                return APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer KEY'",
+                                code="invalid_api_key")
+        if scope["method"] == "POST":
+            length = headers.get(b"content-length", b"")
+            if not length.isdigit():  # bodies of unknown size (chunked) are refused rather than read without bound
+                return APIError(411, "a POST needs a Content-Length header", code="length_required")
+            if int(length) > self.max_body_bytes:
+                return APIError(413, f"the body has {int(length)} bytes; this server takes at most {self.max_body_bytes}",
+                                code="body_too_large")
+        return None
+
+
+def add_error_handlers(app) -> None:
+    """Every error in OpenAI's shape: ours (APIError), FastAPI's validation (422 -> 400), unknown paths, bugs (500)."""
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request, e: APIError):
+        return JSONResponse(e.body(), e.status, headers={"Retry-After": "1"} if e.status == 429 else None)
+
+    @app.exception_handler(RequestValidationError)  # FastAPI's 422: OpenAI answers 400
+    async def on_invalid(request, e: RequestValidationError):
+        # A field of several shapes (stop: a string or a list) fails once per shape: the deepest says the most.
+        first = max(e.errors(), key=lambda err: len(err["loc"]))
+        if first["type"] == "json_invalid":
+            return await on_api_error(request, APIError(400, f"the body is not valid JSON ({first['ctx']['error']})"))
+        loc = [str(x) for x in first["loc"] if isinstance(x, int) or x != "body" and x.isidentifier() and x not in UNION_TAGS]
+        return await on_api_error(request, APIError(400, f"{'.'.join(loc) or 'body'}: {first['msg']}", loc[0] if loc else None))
+
+    @app.exception_handler(HTTPException)  # unknown paths and methods, in the same shape
+    async def on_http(request, e: HTTPException):
+        return await on_api_error(request, APIError(e.status_code, str(e.detail)))
+
+    @app.exception_handler(Exception)
+    async def on_bug(request, e: Exception):
+        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", type="server_error").body(), 500)

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import ipaddress
 import queue
-import secrets
 import socket
 import sys
 import threading
@@ -27,9 +26,7 @@ from pathlib import Path
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from starlette.exceptions import HTTPException
+from fastapi.responses import FileResponse, StreamingResponse
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root is the one import root
 if str(ROOT) not in sys.path:
@@ -39,7 +36,6 @@ api = import_module("12_serve.api")
 template = import_module("08_sft.template")
 weights = import_module("06_model.weights")
 PAGE = Path(__file__).resolve().parent / "index.html"
-UNION_TAGS = ("str", "int", "float", "bool", "list", "dict")  # pydantic's names for the members of a union
 CHARS = "characters, more than that many tokens can hold"
 
 
@@ -49,35 +45,6 @@ class Limits:
     max_tokens: int | None = None  # the largest max_tokens a request may ask for; None: the window
     max_messages: int = 64
     max_body_bytes: int = 1 << 20
-
-
-class Gate:
-    """Runs before any route, on the raw request: the API key on /v1/*, and the body's declared size."""
-
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
-
-    async def __call__(self, scope, receive, send):
-        error = self.check(scope) if scope["type"] == "http" else None
-        if error:
-            return await JSONResponse(error.body(), error.status)(scope, receive, send)
-        await self.app(scope, receive, send)
-
-    def check(self, scope) -> api.APIError | None:
-        headers = dict(scope["headers"])
-        if self.api_key and scope["path"].startswith("/v1/"):
-            given = headers.get(b"authorization", b"")
-            if not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):  # constant time
-                return api.APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer KEY'",
-                                    code="invalid_api_key")
-        if scope["method"] == "POST":
-            length = headers.get(b"content-length", b"")
-            if not length.isdigit():  # bodies of unknown size (chunked) are refused rather than read without bound
-                return api.APIError(411, "a POST needs a Content-Length header", code="length_required")
-            if int(length) > self.max_body_bytes:
-                return api.APIError(413, f"the body has {int(length)} bytes; this server takes at most {self.max_body_bytes}",
-                                    code="body_too_large")
-        return None
 
 
 class Answer:
@@ -160,28 +127,9 @@ def create_app(engine, tokenizer, name: str = "lillm", api_key: str | None = Non
         thread.join()
 
     app = FastAPI(title="lilLM", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Gate, api_key=api_key, max_body_bytes=limits.max_body_bytes)
+    app.add_middleware(api.Gate, api_key=api_key, max_body_bytes=limits.max_body_bytes)
 
-    @app.exception_handler(api.APIError)
-    async def on_api_error(request, e: api.APIError):
-        return JSONResponse(e.body(), e.status, headers={"Retry-After": "1"} if e.status == 429 else None)
-
-    @app.exception_handler(RequestValidationError)  # FastAPI's 422: OpenAI answers 400
-    async def on_invalid(request, e: RequestValidationError):
-        # A field of several shapes (stop: a string or a list) fails once per shape: the deepest says the most.
-        first = max(e.errors(), key=lambda err: len(err["loc"]))
-        if first["type"] == "json_invalid":
-            return await on_api_error(request, api.APIError(400, f"the body is not valid JSON ({first['ctx']['error']})"))
-        loc = [str(x) for x in first["loc"] if isinstance(x, int) or x != "body" and x.isidentifier() and x not in UNION_TAGS]
-        return await on_api_error(request, api.APIError(400, f"{'.'.join(loc) or 'body'}: {first['msg']}", loc[0] if loc else None))
-
-    @app.exception_handler(HTTPException)  # unknown paths and methods, in the same shape
-    async def on_http(request, e: HTTPException):
-        return await on_api_error(request, api.APIError(e.status_code, str(e.detail)))
-
-    @app.exception_handler(Exception)
-    async def on_bug(request, e: Exception):
-        return JSONResponse(api.APIError(500, f"internal error: {type(e).__name__}", type="server_error").body(), 500)
+    api.add_error_handlers(app)
 
     card = {"id": name, "object": "model", "created": created, "owned_by": "lillm"}
 
